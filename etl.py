@@ -1,0 +1,669 @@
+#!/usr/bin/env python3
+"""Sparkify data lake ETL: song and event JSON in, a star schema as parquet out.
+
+    python etl.py [--config dl.cfg] [--input ROOT] [--output ROOT]
+    spark-submit etl.py [--config dl.cfg] [--input ROOT] [--output ROOT]
+
+The tables and the rules between them are described in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import pyspark
+import pyspark.sql.functions as F
+import pyspark.sql.types as T
+from pyspark.sql import Column, DataFrame, SparkSession
+
+JOB_VERSION = "1.0.0"
+APP_NAME = "sparkify-etl"
+LOG = logging.getLogger("sparkify_etl")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "dl.cfg")
+DEFAULT_INPUT = os.path.join(HERE, "data")
+DEFAULT_OUTPUT = "output"
+
+SONG_DATA = "song_data"
+LOG_DATA = "log_data"
+REPORT_NAME = "_run_report.json"
+REJECTED_DIR = "_rejected"
+
+SONGPLAYS = "songplays"
+USERS = "users"
+SONGS = "songs"
+ARTISTS = "artists"
+TIME = "time"
+# Dimensions first: a reader who sees a new songplays table can join it.
+TABLES = (SONGS, ARTISTS, USERS, TIME, SONGPLAYS)
+PARTITION_BY: Dict[str, Tuple[str, ...]] = {
+    SONGPLAYS: ("year", "month"),
+    USERS: (),
+    SONGS: ("year", "artist_id"),
+    ARTISTS: (),
+    TIME: ("year", "month"),
+}
+PRIMARY_KEY = {
+    SONGPLAYS: "songplay_id",
+    USERS: "user_id",
+    SONGS: "song_id",
+    ARTISTS: "artist_id",
+    TIME: "start_time",
+}
+
+NEXT_SONG = "NextSong"
+DURATION_TOLERANCE_S = 0.001
+# Doubles such as 337.68544 - 337.68444 come out a hair above 0.001.
+FLOAT_SLACK = 1e-9
+# An event's identity: a redelivered event repeats all four.
+EVENT_KEY = ("user_id", "sessionId", "itemInSession", "ts")
+SONGPLAY_ID_HEX_CHARS = 32  # 128 bits of SHA-256: collisions are not a concern
+USER_ID_PATTERN = r"^[0-9]{1,18}$"  # 18 digits always fit in a long
+
+CORRUPT_RECORD = "_corrupt_record"
+SOURCE_FILE = "source_file"
+REASON = "reason"
+REASON_MALFORMED = "malformed JSON"
+REASON_BAD_TS = "ts missing or not an integer"
+REASON_NO_SONG_ID = "song_id missing"
+REASON_BAD_TYPE = "a field has the wrong type"
+
+SONG_SCHEMA = T.StructType([
+    T.StructField("num_songs", T.IntegerType()),
+    T.StructField("artist_id", T.StringType()),
+    T.StructField("artist_latitude", T.DoubleType()),
+    T.StructField("artist_longitude", T.DoubleType()),
+    T.StructField("artist_location", T.StringType()),
+    T.StructField("artist_name", T.StringType()),
+    T.StructField("song_id", T.StringType()),
+    T.StructField("title", T.StringType()),
+    T.StructField("duration", T.DoubleType()),
+    T.StructField("year", T.IntegerType()),
+])
+
+LOG_SCHEMA = T.StructType([
+    T.StructField("artist", T.StringType()),
+    T.StructField("auth", T.StringType()),
+    T.StructField("firstName", T.StringType()),
+    T.StructField("gender", T.StringType()),
+    T.StructField("itemInSession", T.IntegerType()),
+    T.StructField("lastName", T.StringType()),
+    T.StructField("length", T.DoubleType()),
+    T.StructField("level", T.StringType()),
+    T.StructField("location", T.StringType()),
+    T.StructField("method", T.StringType()),
+    T.StructField("page", T.StringType()),
+    T.StructField("registration", T.DoubleType()),
+    T.StructField("sessionId", T.LongType()),
+    T.StructField("song", T.StringType()),
+    T.StructField("status", T.IntegerType()),
+    T.StructField("ts", T.LongType()),
+    T.StructField("userAgent", T.StringType()),
+    T.StructField("userId", T.StringType()),
+])
+
+CONFIG_KEYS = {
+    "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "REGION", "S3_ENDPOINT"),
+    "PATHS": ("INPUT_DATA", "OUTPUT_DATA", "REJECTED_DATA"),
+}
+
+
+class EtlError(Exception):
+    """A problem the user can fix: reported as one line, never as a traceback."""
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Settings:
+    input_root: str
+    output_root: str
+    rejected_root: str
+    # Secrets live here; repr=False keeps them out of any log line or traceback.
+    aws: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own error prints a usage block
+        raise EtlError(message)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _ArgumentParser(prog="etl.py", description="Build the Sparkify star schema from song and event JSON.")
+    parser.add_argument("--config", help=f"settings file (default: {DEFAULT_CONFIG} if it exists)")
+    parser.add_argument("--input", help="input root holding song_data/ and log_data/ (local folder or s3:// prefix)")
+    parser.add_argument("--output", help="output root for the five tables (local folder or s3:// prefix)")
+    return parser.parse_args(argv)
+
+
+def read_config(path: str) -> Dict[str, Dict[str, str]]:
+    """Reads dl.cfg; every error names the file and never echoes a line that might hold a secret."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str.upper  # keys are case-insensitive, shown as documented
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise EtlError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise EtlError(f"malformed config {path}: line {exc.lineno} is not under a [section]") from None
+    except configparser.ParsingError as exc:
+        lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
+        raise EtlError(f"malformed config {path}: cannot parse line {lines}") from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise EtlError(f"malformed config {path}: {type(exc).__name__}") from None
+    for section in parser.sections():
+        if section not in CONFIG_KEYS:
+            raise EtlError(f"unknown section [{section}] in {path}; known: {', '.join(CONFIG_KEYS)}")
+        for key in parser[section]:
+            if key not in CONFIG_KEYS[section]:
+                raise EtlError(f"unknown key {key} in [{section}] of {path}")
+    return {section: {k: v.strip() for k, v in parser[section].items()} for section in parser.sections()}
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Paths: flag, then environment, then dl.cfg, then defaults. AWS keys: dl.cfg, then environment."""
+    config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    config = read_config(config_path) if config_path else {}
+    paths = config.get("PATHS", {})
+
+    def pick(flag: Optional[str], key: str, default: str) -> str:
+        return flag or environ.get(key) or paths.get(key) or default
+
+    input_root = normalize_root(pick(args.input, "INPUT_DATA", DEFAULT_INPUT))
+    output_root = normalize_root(pick(args.output, "OUTPUT_DATA", DEFAULT_OUTPUT))
+    rejected_root = normalize_root(pick(None, "REJECTED_DATA", join(output_root, REJECTED_DIR)))
+    aws = {key: value for key, value in config.get("AWS", {}).items() if value}
+    return Settings(input_root, output_root, rejected_root, aws)
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def normalize_root(path: str) -> str:
+    """Local roots become absolute, so the job means the same folder wherever Spark runs it."""
+    if is_remote(path):
+        return path.rstrip("/")
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+# --------------------------------------------------------------------------- preflight
+
+def _is_visible(name: str) -> bool:
+    """Spark skips names starting with '.' or '_' (.DS_Store, __MACOSX); so do our checks."""
+    return not name.startswith((".", "_"))
+
+
+def _has_json(folder: str) -> bool:
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if _is_visible(d)]
+        if any(name.endswith(".json") and _is_visible(name) for name in files):
+            return True
+    return False
+
+
+def preflight_local(settings: Settings) -> None:
+    """Fails in milliseconds, before any Spark start, on the mistakes a user is likely to make."""
+    root = settings.input_root
+    if not is_remote(root):
+        if not os.path.isdir(root):
+            raise EtlError(f"input root not found: {root}")
+        for tree in (SONG_DATA, LOG_DATA):
+            folder = join(root, tree)
+            if not os.path.isdir(folder):
+                raise EtlError(f"no {tree}/ folder under input root {root}")
+            if not _has_json(folder):
+                raise EtlError(f"no .json files under {folder}")
+    for out in (settings.output_root, settings.rejected_root):
+        if not is_remote(out):
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as exc:
+                raise EtlError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+            if not os.access(out, os.W_OK):
+                raise EtlError(f"output folder is not writable: {out}")
+
+
+# --------------------------------------------------------------------------- extract
+
+def read_json(spark: SparkSession, path: str, schema: T.StructType) -> DataFrame:
+    """Every *.json below path, parsed with schema; a line that does not fit keeps its text in _corrupt_record."""
+    reader_schema = T.StructType(schema.fields + [T.StructField(CORRUPT_RECORD, T.StringType())])
+    return (
+        spark.read.schema(reader_schema)
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", "*.json")
+        .option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", CORRUPT_RECORD)
+        .json(path)
+        .withColumn(SOURCE_FILE, F.col("_metadata.file_path"))
+    )
+
+
+def _reject_reason(required: str, missing_reason: str) -> Column:
+    corrupt = F.col(CORRUPT_RECORD)
+    # A line that parses as a JSON object but not into the schema is a type error, not bad JSON.
+    not_json = F.from_json(corrupt, "map<string,string>").isNull()
+    return (
+        F.when(corrupt.isNotNull() & not_json, F.lit(REASON_MALFORMED))
+        .when(F.col(required).isNull() | (F.trim(F.col(required).cast("string")) == ""), F.lit(missing_reason))
+        .when(corrupt.isNotNull(), F.lit(REASON_BAD_TYPE))
+    )
+
+
+def split_rejects(raw: DataFrame, schema: T.StructType, required: str,
+                  missing_reason: str) -> Tuple[DataFrame, DataFrame]:
+    """Splits parsed lines into clean records and rejects (source_file, reason, line)."""
+    judged = raw.withColumn(REASON, _reject_reason(required, missing_reason))
+    clean = judged.filter(F.col(REASON).isNull()).select(*schema.fieldNames(), SOURCE_FILE)
+    # A record that parsed has no raw text left; its parsed form is the next best thing to show.
+    line = F.coalesce(F.col(CORRUPT_RECORD), F.to_json(F.struct(*schema.fieldNames())))
+    rejects = judged.filter(F.col(REASON).isNotNull()).select(SOURCE_FILE, REASON, line.alias("line"))
+    return clean, rejects
+
+
+def split_songs(raw: DataFrame) -> Tuple[DataFrame, DataFrame]:
+    return split_rejects(raw, SONG_SCHEMA, "song_id", REASON_NO_SONG_ID)
+
+
+def split_events(raw: DataFrame) -> Tuple[DataFrame, DataFrame]:
+    return split_rejects(raw, LOG_SCHEMA, "ts", REASON_BAD_TS)
+
+
+# --------------------------------------------------------------------------- transform
+
+def known_user_events(events: DataFrame) -> DataFrame:
+    """Events of logged-in users, with userId as a long user_id; "", null and non-numbers are nobody."""
+    user_id = F.trim(F.col("userId"))
+    return (
+        events.withColumn("user_id", F.when(user_id.rlike(USER_ID_PATTERN), user_id.cast("long")))
+        .filter(F.col("user_id").isNotNull())
+    )
+
+
+def _count_nulls(columns: Sequence[str]) -> Column:
+    total = F.lit(0)
+    for name in columns:
+        total = total + F.col(name).isNull().cast("int")
+    return total
+
+
+def build_songs(songs: DataFrame) -> DataFrame:
+    attributes = ["title", "artist_id", "year", "duration"]
+    # A song_id seen twice keeps its fullest record; remaining ties fall to the smallest values.
+    best = F.min(F.struct(_count_nulls(attributes).alias("nulls"), *attributes)).alias("best")
+    return (
+        songs.groupBy("song_id").agg(best)
+        .select(
+            F.col("song_id"),
+            F.col("best.title").alias("title"),
+            F.col("best.artist_id").alias("artist_id"),
+            F.col("best.year").cast("int").alias("year"),
+            F.col("best.duration").cast("double").alias("duration"),
+        )
+    )
+
+
+def build_artists(songs: DataFrame) -> DataFrame:
+    location = F.when(F.trim(F.col("artist_location")) != "", F.col("artist_location"))
+    records = songs.filter(F.col("artist_id").isNotNull()).select(
+        F.col("artist_id"),
+        F.col("song_id"),
+        F.col("artist_name").alias("name"),
+        location.alias("location"),
+        F.col("artist_latitude").cast("double").alias("latitude"),
+        F.col("artist_longitude").cast("double").alias("longitude"),
+    )
+    attributes = ["name", "location", "latitude", "longitude"]
+    # The record with most known attributes wins, then the smallest song_id (the contract's rule).
+    best = F.min(F.struct(_count_nulls(attributes).alias("nulls"), "song_id", *attributes)).alias("best")
+    return (
+        records.groupBy("artist_id").agg(best)
+        .select(
+            F.col("artist_id"),
+            F.col("best.name").alias("name"),
+            F.col("best.location").alias("location"),
+            F.col("best.latitude").alias("latitude"),
+            F.col("best.longitude").alias("longitude"),
+        )
+    )
+
+
+def build_users(events: DataFrame) -> DataFrame:
+    # Struct order is the rule: latest ts, then latest itemInSession; the rest only breaks exact ties.
+    latest = F.max(F.struct("ts", "itemInSession", "level", "firstName", "lastName", "gender")).alias("latest")
+    return (
+        known_user_events(events).groupBy("user_id").agg(latest)
+        .select(
+            F.col("user_id"),
+            F.col("latest.firstName").alias("first_name"),
+            F.col("latest.lastName").alias("last_name"),
+            F.col("latest.gender").alias("gender"),
+            F.col("latest.level").alias("level"),
+        )
+    )
+
+
+def next_song_plays(events: DataFrame) -> DataFrame:
+    """One row per distinct NextSong event of a known user, with its deterministic songplay_id."""
+    attributes = ["level", "song", "artist", "length", "location", "userAgent"]
+    # A redelivered event is one play; max() picks the same copy on every run if copies differ.
+    one_copy = F.max(F.struct(*attributes)).alias("event")
+    songplay_id = F.sha2(F.to_json(F.struct(*EVENT_KEY)), 256).substr(1, SONGPLAY_ID_HEX_CHARS)
+    return (
+        known_user_events(events).filter(F.col("page") == NEXT_SONG)
+        .groupBy(*EVENT_KEY).agg(one_copy)
+        .select(*EVENT_KEY, "event.*")
+        .withColumn("songplay_id", songplay_id)
+    )
+
+
+def match_songs(plays: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
+    """songplay_id -> (song_id, artist_id) for plays whose title, artist name and duration fit a song."""
+    catalogue = songs.join(artists, on="artist_id", how="inner").select(
+        F.col("song_id"), F.col("artist_id"), F.col("title"), F.col("name").alias("artist_name"), F.col("duration"),
+    )
+    fits = (
+        (F.col("p.song") == F.col("c.title"))
+        & (F.col("p.artist") == F.col("c.artist_name"))
+        & (F.abs(F.col("p.length") - F.col("c.duration")) <= DURATION_TOLERANCE_S + FLOAT_SLACK)
+    )
+    # Several fitting songs: the smallest song_id wins, so the match is the same on every run.
+    best = F.min(F.struct(F.col("c.song_id").alias("song_id"), F.col("c.artist_id").alias("artist_id")))
+    return (
+        plays.alias("p").join(F.broadcast(catalogue.alias("c")), on=fits, how="inner")
+        .groupBy(F.col("p.songplay_id").alias("songplay_id")).agg(best.alias("match"))
+        .select(F.col("songplay_id"), F.col("match.song_id").alias("song_id"), F.col("match.artist_id").alias("artist_id"))
+    )
+
+
+def build_songplays(events: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
+    plays = next_song_plays(events)
+    start_time = F.timestamp_millis(F.col("ts"))
+    return (
+        plays.join(match_songs(plays, songs, artists), on="songplay_id", how="left")
+        .select(
+            F.col("songplay_id"),
+            start_time.alias("start_time"),
+            F.col("user_id"),
+            F.col("level"),
+            F.col("song_id"),
+            F.col("artist_id"),
+            F.col("sessionId").alias("session_id"),
+            F.col("location"),
+            F.col("userAgent").alias("user_agent"),
+            F.year(start_time).alias("year"),
+            F.month(start_time).alias("month"),
+        )
+    )
+
+
+def build_time(songplays: DataFrame) -> DataFrame:
+    start = F.col("start_time")
+    # dayofweek() counts Sunday = 1; ISO counts Monday = 1 ... Sunday = 7.
+    iso_weekday = (F.dayofweek(start) + 5) % 7 + 1
+    return (
+        songplays.select(start).distinct()
+        .select(
+            start,
+            F.hour(start).alias("hour"),
+            F.dayofmonth(start).alias("day"),
+            F.weekofyear(start).alias("week"),  # ISO-8601 week, as Spark documents
+            F.month(start).alias("month"),
+            F.year(start).alias("year"),
+            iso_weekday.cast("int").alias("weekday"),
+        )
+    )
+
+
+def build_tables(songs: DataFrame, events: DataFrame,
+                 on_built: Callable[[str, DataFrame], DataFrame] = lambda name, df: df) -> Dict[str, DataFrame]:
+    """All five tables from clean song records and clean events; on_built sees each as it is made."""
+    tables = {SONGS: on_built(SONGS, build_songs(songs)), ARTISTS: on_built(ARTISTS, build_artists(songs))}
+    tables[USERS] = on_built(USERS, build_users(events))
+    tables[SONGPLAYS] = on_built(SONGPLAYS, build_songplays(events, tables[SONGS], tables[ARTISTS]))
+    tables[TIME] = on_built(TIME, build_time(tables[SONGPLAYS]))
+    return tables
+
+
+# --------------------------------------------------------------------------- quality gate
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def _key_checks(name: str, table: DataFrame) -> List[Check]:
+    key = PRIMARY_KEY[name]
+    stats = table.agg(
+        F.count(F.lit(1)).alias("rows"), F.count(F.col(key)).alias("keyed"), F.countDistinct(F.col(key)).alias("distinct"),
+    ).first()
+    nulls, duplicates = stats["rows"] - stats["keyed"], stats["keyed"] - stats["distinct"]
+    return [
+        Check(f"{name} is not empty", stats["rows"] > 0, f"{stats['rows']} rows"),
+        Check(f"{name}.{key} is unique and not null", nulls == 0 and duplicates == 0,
+              f"{nulls} null, {duplicates} duplicated"),
+    ]
+
+
+def _reference_check(child: DataFrame, parent: DataFrame, child_name: str, parent_name: str, key: str) -> Check:
+    orphans = (
+        child.select(F.col(key)).filter(F.col(key).isNotNull())
+        .join(parent.select(F.col(key)), on=key, how="left_anti").count()
+    )
+    return Check(f"{child_name}.{key} is in {parent_name}", orphans == 0, f"{orphans} rows without a match")
+
+
+def run_checks(tables: Mapping[str, DataFrame], events: DataFrame) -> List[Check]:
+    """The quality gate: nothing is published unless every check passes."""
+    checks: List[Check] = []
+    for name in TABLES:
+        checks.extend(_key_checks(name, tables[name]))
+    songplays = tables[SONGPLAYS]
+    for parent, key in ((USERS, "user_id"), (SONGS, "song_id"), (ARTISTS, "artist_id"), (TIME, "start_time")):
+        checks.append(_reference_check(songplays, tables[parent], SONGPLAYS, parent, key))
+    expected = known_user_events(events).filter(F.col("page") == NEXT_SONG).select(*EVENT_KEY).distinct().count()
+    actual = songplays.count()
+    checks.append(Check("songplays reconcile with NextSong events", expected == actual,
+                        f"{expected} distinct NextSong events of known users, {actual} songplays"))
+    return checks
+
+
+# --------------------------------------------------------------------------- load
+
+def write_table(table: DataFrame, path: str, partition_by: Sequence[str]) -> None:
+    # One file per partition folder: each folder's rows are brought to one task first.
+    if partition_by:
+        table = table.repartition(*[F.col(c) for c in partition_by])
+    else:
+        table = table.coalesce(1)
+    writer = table.write.mode("overwrite")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.parquet(path)
+
+
+def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Writes one small file through Hadoop's file system layer, so local and S3 paths work alike."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    stream = fs.create(hadoop_path, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class RunReport:
+    settings: Settings
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    status: str = "failed"
+    error: Optional[str] = None
+    input: Dict[str, int] = field(default_factory=dict)
+    rejected: Dict[str, int] = field(default_factory=dict)
+    tables: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    checks: List[Check] = field(default_factory=list)
+    phases: Dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, spark_version: str) -> str:
+        document = {
+            "status": self.status,
+            "error": self.error,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "duration_s": round((datetime.now(timezone.utc) - self.started_at).total_seconds(), 3),
+            "job_version": JOB_VERSION,
+            "spark_version": spark_version,
+            "input_root": self.settings.input_root,
+            "output_root": self.settings.output_root,
+            "input": self.input,
+            "rejected": {**self.rejected, "path": self.settings.rejected_root},
+            "tables": self.tables,
+            "checks": [vars(check) for check in self.checks],
+            "phases_s": self.phases,
+        }
+        return json.dumps(document, indent=2) + "\n"
+
+
+@contextmanager
+def phase(report: RunReport, name: str) -> Iterator[Dict[str, object]]:
+    """Times a phase; the caller fills in counts to be logged on the same line."""
+    counts: Dict[str, object] = {}
+    start = time.perf_counter()
+    yield counts
+    seconds = time.perf_counter() - start
+    report.phases[name] = round(seconds, 3)
+    details = ", ".join(f"{value} {key}" for key, value in counts.items())
+    LOG.info("%-16s %6.1fs  %s", name, seconds, details)
+
+
+def extract(spark: SparkSession, settings: Settings, report: RunReport) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
+    with phase(report, "read song_data") as counts:
+        song_raw = read_json(spark, join(settings.input_root, SONG_DATA), SONG_SCHEMA)
+        report.input["song_files"] = counts["files"] = len(song_raw.inputFiles())  # a cached plan lists none
+        song_raw = song_raw.cache()
+        songs, song_rejects = split_songs(song_raw)
+        report.input["song_records"] = counts["records"] = song_raw.count()
+        report.rejected[SONG_DATA] = counts["rejected"] = song_rejects.count()
+    with phase(report, "read log_data") as counts:
+        log_raw = read_json(spark, join(settings.input_root, LOG_DATA), LOG_SCHEMA)
+        report.input["log_files"] = counts["files"] = len(log_raw.inputFiles())
+        log_raw = log_raw.cache()
+        events, event_rejects = split_events(log_raw)
+        report.input["log_events"] = counts["records"] = log_raw.count()
+        report.rejected[LOG_DATA] = counts["rejected"] = event_rejects.count()
+    return songs, song_rejects, events, event_rejects
+
+
+def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Dict[str, DataFrame]:
+    def cache_and_count(name: str, table: DataFrame) -> DataFrame:
+        with phase(report, f"build {name}") as counts:
+            table = table.cache()
+            report.tables[name] = {"rows": table.count()}
+            counts["rows"] = report.tables[name]["rows"]
+        return table
+
+    return build_tables(songs, events, on_built=cache_and_count)
+
+
+def load(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], settings: Settings,
+         report: RunReport) -> None:
+    for tree, frame in rejects.items():
+        # Rejects are few; one file per tree is easiest to inspect.
+        frame.coalesce(1).write.mode("overwrite").json(join(settings.rejected_root, tree))
+    for name in TABLES:
+        with phase(report, f"write {name}") as counts:
+            write_table(tables[name], join(settings.output_root, name), PARTITION_BY[name])
+            counts["rows"] = report.tables[name]["rows"]
+
+
+def run_job(spark: SparkSession, settings: Settings, report: RunReport) -> bool:
+    """Extract, transform, check, load. Returns False, with nothing published, if the gate fails."""
+    songs, song_rejects, events, event_rejects = extract(spark, settings, report)
+    tables = transform(songs, events, report)
+    with phase(report, "quality gate") as counts:
+        report.checks = run_checks(tables, events)
+        failed = [check for check in report.checks if not check.passed]
+        counts["checks"], counts["failed"] = len(report.checks), len(failed)
+    rejects = {SONG_DATA: song_rejects, LOG_DATA: event_rejects}
+    if failed:
+        for check in failed:
+            LOG.error("check failed: %s (%s)", check.name, check.detail)
+        load({}, rejects, settings, report)
+        return False
+    load(tables, rejects, settings, report)
+    report.status = "succeeded"
+    return True
+
+
+def create_spark_session() -> SparkSession:
+    builder = (
+        SparkSession.builder.appName(APP_NAME)
+        # Every time function then works in UTC, whatever the machine's zone.
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.debug.maxToStringFields", "100")  # our 19-column schema is not worth a warning
+    )
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    if "spark.sql.shuffle.partitions" not in dict(spark.sparkContext.getConf().getAll()):
+        # The default of 200 is sized for large clusters; our shuffles are small.
+        spark.conf.set("spark.sql.shuffle.partitions", str(max(4, 2 * spark.sparkContext.defaultParallelism)))
+    return spark
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    try:
+        settings = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv), os.environ)
+        preflight_local(settings)
+    except EtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    LOG.info("input %s -> output %s", settings.input_root, settings.output_root)
+    report = RunReport(settings)
+    spark = create_spark_session()
+    try:
+        succeeded = run_job(spark, settings, report)
+    except Exception as exc:  # the report must still say the run failed
+        report.error = _one_line(exc)
+        LOG.error("run failed: %s", report.error)
+        succeeded = False
+    finally:
+        write_text(spark, join(settings.output_root, REPORT_NAME), report.to_json(spark.version))
+        spark.stop()
+    LOG.info("run %s; report at %s", report.status, join(settings.output_root, REPORT_NAME))
+    return 0 if succeeded else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""One local SparkSession for the whole suite, and helpers to write input rows by hand."""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Python turns collected timestamps into local wall-clock time: pin it, as the job pins Spark.
+os.environ["TZ"] = "UTC"
+time.tzset()
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pyspark.sql import SparkSession  # noqa: E402
+
+import etl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spark():
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("sparkify-etl-tests")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("WARN")
+    yield session
+    session.stop()
+
+
+def _rows(schema, records):
+    """Hand-written records name only the fields a test is about; the rest are null."""
+    return [tuple(record.get(name) for name in schema.fieldNames()) for record in records]
+
+
+@pytest.fixture
+def song_records(spark):
+    def make(*records):
+        return spark.createDataFrame(_rows(etl.SONG_SCHEMA, records), etl.SONG_SCHEMA)
+    return make
+
+
+@pytest.fixture
+def event_records(spark):
+    def make(*records):
+        return spark.createDataFrame(_rows(etl.LOG_SCHEMA, records), etl.LOG_SCHEMA)
+    return make
+
+
+ETL = str(ROOT / "etl.py")
+SAMPLE = ROOT / "data"
+
+
+@pytest.fixture(scope="session")
+def empty_config(tmp_path_factory):
+    """Runs under test ignore whatever a developer has put in their own dl.cfg."""
+    path = tmp_path_factory.mktemp("config") / "dl.cfg"
+    path.write_text("[AWS]\n[PATHS]\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def run_etl(empty_config):
+    """Runs etl.py as a user would, in its own process; returns the CompletedProcess."""
+    import subprocess
+
+    def run(*args, env=None, config=empty_config):
+        command = [sys.executable, ETL, *(["--config", config] if config else []), *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=600)
+    return run
+
+
+@pytest.fixture(scope="session")
+def sample_output(run_etl, tmp_path_factory):
+    """One run of the job on the bundled sample, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("sample") / "output"
+    result = run_etl("--input", SAMPLE, "--output", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def read_tables(spark, root):
+    return {name: spark.read.parquet(str(Path(root) / name)) for name in etl.TABLES}
