@@ -112,6 +112,20 @@ LOG_SCHEMA = T.StructType([
     T.StructField("userId", T.StringType()),
 ])
 
+S3_SCHEMES = ("s3://", "s3a://", "s3n://")
+# Files every EMR node carries; EMR's own tooling reads them too.
+EMR_MARKERS = ("/mnt/var/lib/info/job-flow.json", "/emr/instance-controller/lib/info/instance.json")
+# The S3A connector for Hadoop 3.3.x, fetched from PyPI by `make setup` (see README).
+JARS_DIR = os.path.join(HERE, ".jars")
+S3A_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
+S3A_PROVIDERS = {
+    "static": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+    "session": "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
+    # Environment, profile, container and instance role, in the AWS SDK's own order.
+    "chain": "com.amazonaws.auth.DefaultAWSCredentialsProviderChain",
+}
+PREFLIGHT_PROBE = "_preflight-probe"
+
 CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "REGION", "S3_ENDPOINT"),
     "PATHS": ("INPUT_DATA", "OUTPUT_DATA", "REJECTED_DATA"),
@@ -125,12 +139,26 @@ class EtlError(Exception):
 # --------------------------------------------------------------------------- settings
 
 @dataclass(frozen=True)
+class AwsSettings:
+    # Secrets: repr=False keeps them out of any log line or traceback.
+    access_key: Optional[str] = field(default=None, repr=False)
+    secret_key: Optional[str] = field(default=None, repr=False)
+    session_token: Optional[str] = field(default=None, repr=False)
+    region: Optional[str] = None
+    endpoint: Optional[str] = None
+    source: str = "default chain"  # where the keys came from, safe to log
+
+
+@dataclass(frozen=True)
 class Settings:
     input_root: str
     output_root: str
     rejected_root: str
-    # Secrets live here; repr=False keeps them out of any log line or traceback.
-    aws: Mapping[str, str] = field(default_factory=dict, repr=False)
+    aws: AwsSettings = field(default_factory=AwsSettings)
+
+    @property
+    def uses_s3(self) -> bool:
+        return any(is_s3(path) for path in (self.input_root, self.output_root, self.rejected_root))
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -183,12 +211,34 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     input_root = normalize_root(pick(args.input, "INPUT_DATA", DEFAULT_INPUT))
     output_root = normalize_root(pick(args.output, "OUTPUT_DATA", DEFAULT_OUTPUT))
     rejected_root = normalize_root(pick(None, "REJECTED_DATA", join(output_root, REJECTED_DIR)))
-    aws = {key: value for key, value in config.get("AWS", {}).items() if value}
-    return Settings(input_root, output_root, rejected_root, aws)
+    return Settings(input_root, output_root, rejected_root, resolve_aws(config.get("AWS", {}), environ))
+
+
+def resolve_aws(config: Mapping[str, str], environ: Mapping[str, str]) -> AwsSettings:
+    """Keys from dl.cfg, else the standard environment variables, else the default AWS chain."""
+    region = config.get("REGION") or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    endpoint = config.get("S3_ENDPOINT") or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    for source, keys in (("dl.cfg", config), ("environment", environ)):
+        if keys.get("AWS_ACCESS_KEY_ID") or keys.get("AWS_SECRET_ACCESS_KEY"):
+            if not (keys.get("AWS_ACCESS_KEY_ID") and keys.get("AWS_SECRET_ACCESS_KEY")):
+                raise EtlError(f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together ({source} has only one)")
+            return AwsSettings(keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"],
+                               keys.get("AWS_SESSION_TOKEN") or None, region or None, endpoint or None, source)
+    return AwsSettings(region=region or None, endpoint=endpoint or None)
 
 
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith(S3_SCHEMES)
+
+
+def split_s3(path: str) -> Tuple[str, str]:
+    """s3://bucket/a/b -> ("bucket", "a/b")."""
+    bucket, _, key = path.split("://", 1)[1].partition("/")
+    return bucket, key.strip("/")
 
 
 def normalize_root(path: str) -> str:
@@ -239,6 +289,83 @@ def preflight_local(settings: Settings) -> None:
                 raise EtlError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
             if not os.access(out, os.W_OK):
                 raise EtlError(f"output folder is not writable: {out}")
+
+
+def _s3_client(aws: AwsSettings):
+    import boto3  # optional: only S3 runs need it, and EMR nodes have it
+    from botocore.config import Config
+
+    # Few, short retries: a wrong bucket or endpoint should fail in seconds, not minutes.
+    config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"},
+                    s3={"addressing_style": "path"} if aws.endpoint else None)
+    return boto3.client("s3", region_name=aws.region, endpoint_url=aws.endpoint, config=config,
+                        aws_access_key_id=aws.access_key, aws_secret_access_key=aws.secret_key,
+                        aws_session_token=aws.session_token)
+
+
+def _s3_error(exc: Exception, bucket: str, what: str, endpoint: Optional[str]) -> EtlError:
+    """One line for a failed S3 call: what was asked, and S3's own error code."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return EtlError(f"no AWS credentials found for {what}: set them in dl.cfg [AWS] or the environment")
+    if isinstance(exc, EndpointConnectionError):
+        return EtlError(f"cannot reach S3 at {endpoint or 'the AWS endpoint'} for {what}")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "error")
+        if code in ("NoSuchBucket", "404"):
+            return EtlError(f"bucket not found: {bucket} (for {what})")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            return EtlError(f"S3 rejected the credentials ({code}) for {what}")
+        return EtlError(f"S3 refused {what}: {code}")
+    return EtlError(f"S3 check of {what} failed: {type(exc).__name__}")
+
+
+def _require_json_objects(client, root: str, tree: str) -> None:
+    bucket, prefix = split_s3(root)
+    folder = "/".join(p for p in (prefix, tree) if p) + "/"
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
+    seen_any = False
+    for page in pages:
+        for item in page.get("Contents", []):
+            seen_any = True
+            parts = item["Key"][len(folder):].split("/")
+            if parts[-1].endswith(".json") and all(_is_visible(part) for part in parts):
+                return
+    where = f"s3://{bucket}/{folder}"
+    raise EtlError(f"no .json files under {where}" if seen_any else f"no {tree}/ under input root {root}")
+
+
+def _require_writable(client, root: str) -> None:
+    bucket, prefix = split_s3(root)
+    probe = "/".join(p for p in (prefix, f"{PREFLIGHT_PROBE}-{os.getpid()}") if p)
+    client.put_object(Bucket=bucket, Key=probe, Body=b"")
+    client.delete_object(Bucket=bucket, Key=probe)
+
+
+def preflight_s3(settings: Settings) -> None:
+    """Seconds, not minutes: input has JSON in both trees, output can be written, credentials work."""
+    if not settings.uses_s3:
+        return
+    try:
+        client = _s3_client(settings.aws)
+    except ImportError:
+        LOG.warning("boto3 is not installed: skipping the S3 preflight")
+        return
+    checks: List[Tuple[str, str, Callable[[], None]]] = []
+    if is_s3(settings.input_root):
+        checks += [(settings.input_root, f"input {settings.input_root}/{tree}/",
+                    lambda tree=tree: _require_json_objects(client, settings.input_root, tree))
+                   for tree in (SONG_DATA, LOG_DATA)]
+    for out in dict.fromkeys(p for p in (settings.output_root, settings.rejected_root) if is_s3(p)):
+        checks.append((out, f"writing to {out}/", lambda out=out: _require_writable(client, out)))
+    for root, what, check in checks:
+        try:
+            check()
+        except EtlError:
+            raise
+        except Exception as exc:  # botocore's errors, turned into one line
+            raise _s3_error(exc, split_s3(root)[0], what, settings.aws.endpoint) from None
 
 
 # --------------------------------------------------------------------------- extract
@@ -618,7 +745,71 @@ def run_job(spark: SparkSession, settings: Settings, report: RunReport) -> bool:
     return True
 
 
-def create_spark_session() -> SparkSession:
+def emr_marker() -> Optional[str]:
+    return next((path for path in EMR_MARKERS if os.path.exists(path)), None)
+
+
+def s3a_jars() -> List[str]:
+    jars = [os.path.join(JARS_DIR, name) for name in S3A_JARS]
+    missing = [jar for jar in jars if not os.path.isfile(jar)]
+    if missing:
+        raise EtlError(f"S3A connector jar not found: {missing[0]} (run `make setup`, or see README)")
+    return jars
+
+
+def s3a_options(aws: AwsSettings) -> Dict[str, str]:
+    """Hadoop settings for S3A, secrets excepted: those never go on a command line."""
+    if aws.access_key:
+        provider = S3A_PROVIDERS["session" if aws.session_token else "static"]
+    else:
+        provider = S3A_PROVIDERS["chain"]
+    options = {
+        "fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "fs.s3n.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "fs.s3a.aws.credentials.provider": provider,
+        # Reading means thousands of small GETs: allow many open connections and upload threads.
+        "fs.s3a.connection.maximum": "200",
+        "fs.s3a.threads.max": "64",
+        "fs.s3a.bucket.probe": "0",  # the preflight has seen the buckets
+    }
+    if aws.endpoint:
+        # MinIO, LocalStack and moto serve buckets as paths, often over plain http.
+        options["fs.s3a.endpoint"] = aws.endpoint
+        options["fs.s3a.path.style.access"] = "true"
+        options["fs.s3a.connection.ssl.enabled"] = str(aws.endpoint.startswith("https://")).lower()
+    elif aws.region:
+        options["fs.s3a.endpoint"] = f"s3.{aws.region}.amazonaws.com"
+    if aws.region:
+        options["fs.s3a.endpoint.region"] = aws.region
+    return options
+
+
+def s3a_secrets(aws: AwsSettings) -> Dict[str, str]:
+    keys = {"fs.s3a.access.key": aws.access_key, "fs.s3a.secret.key": aws.secret_key,
+            "fs.s3a.session.token": aws.session_token}
+    return {key: value for key, value in keys.items() if value}
+
+
+def under_spark_submit() -> bool:
+    """spark-submit starts the JVM before Python, so its classpath is already fixed."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def choose_s3_route(settings: Settings) -> Optional[str]:
+    """None for local runs; "emrfs" on EMR, where s3:// is EMR's own; "s3a" everywhere else."""
+    if not settings.uses_s3:
+        return None
+    return "emrfs" if emr_marker() else "s3a"
+
+
+def log_s3_route(route: Optional[str], settings: Settings) -> None:
+    if route == "emrfs":
+        LOG.info("EMR detected (%s): S3 is left to EMR's own connector; no jars or S3 settings added", emr_marker())
+    elif route == "s3a":
+        LOG.info("not on EMR: S3 through the S3A connector, credentials from the %s", settings.aws.source)
+
+
+def create_spark_session(settings: Optional[Settings] = None, s3_route: Optional[str] = None) -> SparkSession:
     builder = (
         SparkSession.builder.appName(APP_NAME)
         # Every time function then works in UTC, whatever the machine's zone.
@@ -627,8 +818,17 @@ def create_spark_session() -> SparkSession:
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.debug.maxToStringFields", "100")  # our 19-column schema is not worth a warning
     )
+    if s3_route == "s3a":
+        if not under_spark_submit():
+            builder = builder.config("spark.jars", ",".join(s3a_jars()))
+        for key, value in s3a_options(settings.aws).items():
+            builder = builder.config(f"spark.hadoop.{key}", value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    if s3_route == "s3a":
+        hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
+        for key, value in s3a_secrets(settings.aws).items():
+            hadoop_conf.set(key, value)
     if "spark.sql.shuffle.partitions" not in dict(spark.sparkContext.getConf().getAll()):
         # The default of 200 is sized for large clusters; our shuffles are small.
         spark.conf.set("spark.sql.shuffle.partitions", str(max(4, 2 * spark.sparkContext.defaultParallelism)))
@@ -646,12 +846,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv), os.environ)
         preflight_local(settings)
+        s3_route = choose_s3_route(settings)
+        if s3_route == "s3a" and not under_spark_submit():
+            s3a_jars()
+        preflight_s3(settings)
     except EtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     LOG.info("input %s -> output %s", settings.input_root, settings.output_root)
+    log_s3_route(s3_route, settings)
     report = RunReport(settings)
-    spark = create_spark_session()
+    spark = create_spark_session(settings, s3_route)
     try:
         succeeded = run_job(spark, settings, report)
     except Exception as exc:  # the report must still say the run failed

@@ -113,6 +113,15 @@ def test_defaults_are_the_bundled_sample_and_local_output(tmp_path, monkeypatch)
 
 
 def test_settings_never_show_secrets(tmp_path):
-    settings = _settings([], {}, "[AWS]\nAWS_SECRET_ACCESS_KEY = hunter2-secret\n", tmp_path)
-    assert settings.aws["AWS_SECRET_ACCESS_KEY"] == "hunter2-secret"
+    config = "[AWS]\nAWS_ACCESS_KEY_ID = AKIAX\nAWS_SECRET_ACCESS_KEY = hunter2-secret\n"
+    settings = _settings([], {"AWS_SECRET_ACCESS_KEY": "from-env"}, config, tmp_path)
+    assert settings.aws.secret_key == "hunter2-secret" and settings.aws.source == "dl.cfg"
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings)
+
+
+def test_half_a_key_pair_is_an_error(run_etl, tmp_path):
+    config = tmp_path / "dl.cfg"
+    config.write_text("[AWS]\nAWS_SECRET_ACCESS_KEY = hunter2-secret\n")
+    result = run_etl("--output", "s3://lake/x", config=config)
+    assert_one_line_error(result, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together (dl.cfg has only one)")
+    assert "hunter2" not in result.stderr

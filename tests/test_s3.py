@@ -1,0 +1,119 @@
+"""S3 in, S3 out: the real S3A connector against a real S3 API server (moto) on loopback."""
+import json
+import socket
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+from pyspark.testing import assertDataFrameEqual
+
+import etl
+from conftest import SAMPLE, read_tables
+
+SECRET = "sEcReT-7f3a9c-never-log-me"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIATESTINGSPARKIFY", "AWS_SECRET_ACCESS_KEY": SECRET,
+               "AWS_REGION": "us-east-1"}
+JUNK = {"song_data/.DS_Store": b"\x00\x00\x00\x01Bud1", "__MACOSX/song_data/A/._x.json": b"\x00\x05\x16\x07",
+        "song_data/A/__MACOSX/._y.json": b"\x00\x05\x16\x07", "log_data/2018/11/._z.json": b"\x00\x05\x16\x07"}
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._port}"
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint):
+    """A boto3 client on the test server, with the sample (and its junk) uploaded to in-bucket."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id="setup", aws_secret_access_key="setup")
+    for bucket in ("in-bucket", "lake-bucket"):
+        client.create_bucket(Bucket=bucket)
+    for path in SAMPLE.rglob("*.json"):
+        client.upload_file(str(path), "in-bucket", path.relative_to(SAMPLE).as_posix())
+    for key, body in JUNK.items():
+        client.put_object(Bucket="in-bucket", Key=key, Body=body)
+    for path in (SAMPLE / "log_data").rglob("*.json"):
+        client.upload_file(str(path), "in-bucket", "logs-only/" + path.relative_to(SAMPLE).as_posix())
+    return client
+
+
+def download(client, bucket, prefix, target):
+    """What an analyst would do to read the lake locally: fetch every object under the prefix."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                path = Path(target) / item["Key"][len(prefix):]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, item["Key"], str(path))
+    return Path(target)
+
+
+def test_s3_round_trip_through_environment_variables_equals_local_run(spark, run_etl, s3, s3_endpoint,
+                                                                      sample_output, tmp_path):
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    result = run_etl("--input", "s3://in-bucket/", "--output", "s3a://lake-bucket/lake/", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "S3 through the S3A connector, credentials from the environment" in result.stderr
+
+    lake = download(s3, "lake-bucket", "lake/", tmp_path / "lake")
+    tables, expected = read_tables(spark, lake), read_tables(spark, sample_output)
+    for name in etl.TABLES:
+        assertDataFrameEqual(tables[name], expected[name])
+    report = json.loads((lake / etl.REPORT_NAME).read_text())
+    assert report["status"] == "succeeded" and report["input"]["song_files"] == 71
+    assert report["rejected"]["path"] == "s3a://lake-bucket/lake/_rejected"
+    leftovers = s3.list_objects_v2(Bucket="lake-bucket", Prefix="lake/" + etl.PREFLIGHT_PROBE)
+    assert leftovers["KeyCount"] == 0
+
+
+def test_credentials_from_config_leave_no_trace_of_the_secret(spark, run_etl, s3, s3_endpoint, tmp_path):
+    config = tmp_path / "dl.cfg"
+    config.write_text(f"[AWS]\nAWS_ACCESS_KEY_ID = AKIACONFIGSPARKIFY\nAWS_SECRET_ACCESS_KEY = {SECRET}\n"
+                      f"REGION = us-east-1\nS3_ENDPOINT = {s3_endpoint}\n[PATHS]\n")
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ENDPOINT_URL": ""}
+    result = run_etl("--input", "s3a://in-bucket", "--output", "s3://lake-bucket/from-config", env=env,
+                     config=config)
+    assert result.returncode == 0, result.stderr
+    assert "credentials from the dl.cfg" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    lake = download(s3, "lake-bucket", "from-config/", tmp_path / "lake")
+    for path in lake.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "s3://in-bucket/no-such-prefix/", "--output", "s3a://lake-bucket/x/"],
+     "no song_data/ under input root s3://in-bucket/no-such-prefix"),
+    (["--input", "s3://in-bucket/logs-only/", "--output", "s3a://lake-bucket/x/"],
+     "no song_data/ under input root s3://in-bucket/logs-only"),
+    (["--input", "s3://no-such-input/", "--output", "s3a://lake-bucket/x/"],
+     "bucket not found: no-such-input"),
+    (["--input", "s3://in-bucket/", "--output", "s3a://no-such-lake/lake/"],
+     "bucket not found: no-such-lake"),
+], ids=["missing-input-prefix", "input-without-song-data", "missing-input-bucket", "missing-output-bucket"])
+def test_preflight_failures_are_one_clear_line(run_etl, s3, s3_endpoint, args, message):
+    result = run_etl(*args, env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+
+
+def test_unreachable_endpoint_is_one_clear_line(run_etl, tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    result = run_etl("--input", "s3://in-bucket/", "--output", tmp_path / "out",
+                     env={**CREDENTIALS, "AWS_ENDPOINT_URL": dead})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot reach S3 at {dead} for input s3://in-bucket/song_data/"]
