@@ -53,6 +53,14 @@ PARTITION_BY: Dict[str, Tuple[str, ...]] = {
     ARTISTS: (),
     TIME: ("year", "month"),
 }
+TABLE_COLUMNS = {
+    SONGPLAYS: ("songplay_id", "start_time", "user_id", "level", "song_id", "artist_id", "session_id", "location",
+                "user_agent", "year", "month"),
+    USERS: ("user_id", "first_name", "last_name", "gender", "level"),
+    SONGS: ("song_id", "title", "artist_id", "year", "duration"),
+    ARTISTS: ("artist_id", "name", "location", "latitude", "longitude"),
+    TIME: ("start_time", "hour", "day", "week", "month", "year", "weekday"),
+}
 PRIMARY_KEY = {
     SONGPLAYS: "songplay_id",
     USERS: "user_id",
@@ -129,7 +137,9 @@ PREFLIGHT_PROBE = "_preflight-probe"
 CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "REGION", "S3_ENDPOINT"),
     "PATHS": ("INPUT_DATA", "OUTPUT_DATA", "REJECTED_DATA"),
+    "LAYOUT": tuple(f"{table.upper()}_PARTITION_BY" for table in TABLES),
 }
+NO_PARTITIONS = "none"
 
 
 class EtlError(Exception):
@@ -155,6 +165,7 @@ class Settings:
     output_root: str
     rejected_root: str
     aws: AwsSettings = field(default_factory=AwsSettings)
+    partition_by: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: dict(PARTITION_BY))
 
     @property
     def uses_s3(self) -> bool:
@@ -211,7 +222,24 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     input_root = normalize_root(pick(args.input, "INPUT_DATA", DEFAULT_INPUT))
     output_root = normalize_root(pick(args.output, "OUTPUT_DATA", DEFAULT_OUTPUT))
     rejected_root = normalize_root(pick(None, "REJECTED_DATA", join(output_root, REJECTED_DIR)))
-    return Settings(input_root, output_root, rejected_root, resolve_aws(config.get("AWS", {}), environ))
+    return Settings(input_root, output_root, rejected_root, resolve_aws(config.get("AWS", {}), environ),
+                    resolve_layout(config.get("LAYOUT", {}), config_path))
+
+
+def resolve_layout(config: Mapping[str, str], config_path: Optional[str]) -> Dict[str, Tuple[str, ...]]:
+    """Partition columns per table: the contract's unless [LAYOUT] says otherwise ("none": unpartitioned)."""
+    layout = dict(PARTITION_BY)
+    for table in TABLES:
+        value = config.get(f"{table.upper()}_PARTITION_BY", "")
+        if not value:
+            continue
+        columns = () if value.lower() == NO_PARTITIONS else tuple(c.strip() for c in value.split(",") if c.strip())
+        unknown = [c for c in columns if c not in TABLE_COLUMNS[table]]
+        if unknown:
+            raise EtlError(f"{table.upper()}_PARTITION_BY in {config_path} names {unknown[0]}, "
+                           f"which is not a column of {table}")
+        layout[table] = columns
+    return layout
 
 
 def resolve_aws(config: Mapping[str, str], environ: Mapping[str, str]) -> AwsSettings:
@@ -722,7 +750,7 @@ def load(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], sett
         frame.coalesce(1).write.mode("overwrite").json(join(settings.rejected_root, tree))
     for name in TABLES:
         with phase(report, f"write {name}") as counts:
-            write_table(tables[name], join(settings.output_root, name), PARTITION_BY[name])
+            write_table(tables[name], join(settings.output_root, name), settings.partition_by[name])
             counts["rows"] = report.tables[name]["rows"]
 
 
@@ -829,10 +857,22 @@ def create_spark_session(settings: Optional[Settings] = None, s3_route: Optional
         hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
         for key, value in s3a_secrets(settings.aws).items():
             hadoop_conf.set(key, value)
-    if "spark.sql.shuffle.partitions" not in dict(spark.sparkContext.getConf().getAll()):
-        # The default of 200 is sized for large clusters; our shuffles are small.
-        spark.conf.set("spark.sql.shuffle.partitions", str(max(4, 2 * spark.sparkContext.defaultParallelism)))
+    chosen_by_user = dict(spark.sparkContext.getConf().getAll())
+    for key, value in tuning(spark.sparkContext.defaultParallelism).items():
+        if key not in chosen_by_user:
+            spark.conf.set(key, value)
     return spark
+
+
+def tuning(cores: int) -> Dict[str, str]:
+    """Settings measured on this job's data (README, "Speed"); a user's own --conf still wins."""
+    return {
+        # The default of 200 is sized for large clusters; our shuffles are a few MB.
+        "spark.sql.shuffle.partitions": str(max(4, 2 * cores)),
+        # Song files are ~250 bytes each. At the default open cost (4 MB) Spark plans one task per 32 files,
+        # ~470 tasks for 15,000 files; at 8 KB it packs them into one task per core.
+        "spark.sql.files.openCostInBytes": str(8 * 1024),
+    }
 
 
 def _one_line(exc: BaseException) -> str:
@@ -856,7 +896,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     LOG.info("input %s -> output %s", settings.input_root, settings.output_root)
     log_s3_route(s3_route, settings)
     report = RunReport(settings)
-    spark = create_spark_session(settings, s3_route)
+    with phase(report, "start spark"):
+        spark = create_spark_session(settings, s3_route)
     try:
         succeeded = run_job(spark, settings, report)
     except Exception as exc:  # the report must still say the run failed

@@ -269,3 +269,18 @@ def test_split_songs_rejects_songs_without_song_id(spark, song_records):
     assertDataFrameEqual(rejects.select("reason").distinct(),
                          spark.createDataFrame([(etl.REASON_NO_SONG_ID,)], "reason string"))
     assert rejects.count() == 2
+
+
+def test_builders_select_exactly_the_documented_columns(event_records, song_records):
+    songs, events = song_records(song()), event_records(play())
+    tables = etl.build_tables(songs, events)
+    assert {name: tuple(table.columns) for name, table in tables.items()} == etl.TABLE_COLUMNS
+
+
+def test_write_table_makes_one_folder_per_partition_value(spark, song_records, tmp_path):
+    songs = etl.build_songs(song_records(song(), song(song_id="S2", year=0), song(song_id="S3", artist_id="A2")))
+    etl.write_table(songs, str(tmp_path / "songs"), ("year",))
+    folders = sorted(p.name for p in (tmp_path / "songs").iterdir() if p.is_dir())
+    assert folders == ["year=0", "year=2005"]
+    assert len(list((tmp_path / "songs" / "year=2005").glob("*.parquet"))) == 1  # one file per folder
+    assertDataFrameEqual(spark.read.parquet(str(tmp_path / "songs")).select(*etl.TABLE_COLUMNS["songs"]), songs)

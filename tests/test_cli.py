@@ -125,3 +125,14 @@ def test_half_a_key_pair_is_an_error(run_etl, tmp_path):
     result = run_etl("--output", "s3://lake/x", config=config)
     assert_one_line_error(result, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together (dl.cfg has only one)")
     assert "hunter2" not in result.stderr
+
+
+def test_layout_can_change_partition_columns(tmp_path):
+    settings = _settings([], {}, "[LAYOUT]\nSONGS_PARTITION_BY = year\nTIME_PARTITION_BY = none\n", tmp_path)
+    assert settings.partition_by == {**etl.PARTITION_BY, "songs": ("year",), "time": ()}
+
+
+def test_layout_naming_an_unknown_column_is_an_error(run_etl, tmp_path):
+    config = tmp_path / "dl.cfg"
+    config.write_text("[LAYOUT]\nSONGS_PARTITION_BY = year, artist\n")
+    assert_one_line_error(run_etl(config=config), "SONGS_PARTITION_BY", "names artist, which is not a column of songs")
