@@ -117,3 +117,21 @@ def test_unreachable_endpoint_is_one_clear_line(run_etl, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: cannot reach S3 at {dead} for input s3://in-bucket/song_data/"]
+
+
+def test_spark_submit_with_jars_runs_the_same_file(spark, s3, s3_endpoint, empty_config, sample_output, tmp_path):
+    """spark-submit starts the JVM first, so the jars come from --jars, as the README says."""
+    import os
+    import subprocess
+    import sys
+
+    jars = ",".join(os.path.join(etl.JARS_DIR, name) for name in etl.S3A_JARS)
+    command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--jars", jars, etl.__file__,
+               "--config", empty_config, "--input", "s3://in-bucket", "--output", "s3://lake-bucket/submitted"]
+    env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint, "PYSPARK_PYTHON": sys.executable}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lake = download(s3, "lake-bucket", "submitted/", tmp_path / "lake")
+    tables, expected = read_tables(spark, lake), read_tables(spark, sample_output)
+    for name in etl.TABLES:
+        assertDataFrameEqual(tables[name], expected[name])
