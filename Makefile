@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test bench clean
 
 setup: $(STAMP)
 
@@ -25,3 +25,7 @@ test: setup
 
 clean:
 	rm -rf output .pytest_cache
+
+# Not part of `make test`: minutes of generated data and runs. Writes bench/results.json.
+bench: setup
+	$(PY) tools/bench.py
