@@ -398,18 +398,43 @@ def preflight_s3(settings: Settings) -> None:
 
 # --------------------------------------------------------------------------- extract
 
-def read_json(spark: SparkSession, path: str, schema: T.StructType) -> DataFrame:
-    """Every *.json below path, parsed with schema; a line that does not fit keeps its text in _corrupt_record."""
-    reader_schema = T.StructType(schema.fields + [T.StructField(CORRUPT_RECORD, T.StringType())])
+def _with_corrupt_record(schema: T.StructType) -> T.StructType:
+    return T.StructType(schema.fields + [T.StructField(CORRUPT_RECORD, T.StringType())])
+
+
+def read_json(spark: SparkSession, path: str, schema: T.StructType, small_files: bool = False) -> DataFrame:
+    """Every *.json below path, parsed with schema; a line that does not fit keeps its text in _corrupt_record.
+
+    small_files reads each file whole: for thousands of one-line files this is 2-3x faster than the line
+    reader, which sets up a record reader and codec lookup per file (README, "Speed"). Files must then fit
+    in memory, which is why the day-sized event logs use the line reader.
+    """
+    reader = spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
+    if not small_files:
+        return (
+            reader.schema(_with_corrupt_record(schema))
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CORRUPT_RECORD)
+            .json(path)
+            .withColumn(SOURCE_FILE, F.col("_metadata.file_path"))
+        )
+    lines = F.explode(F.split(F.decode(F.col("content"), "UTF-8"), "\r?\n"))
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
     return (
-        spark.read.schema(reader_schema)
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", "*.json")
-        .option("mode", "PERMISSIVE")
-        .option("columnNameOfCorruptRecord", CORRUPT_RECORD)
-        .json(path)
-        .withColumn(SOURCE_FILE, F.col("_metadata.file_path"))
+        reader.format("binaryFile").load(path)
+        .select(F.col("path").alias(SOURCE_FILE), lines.alias("line"))
+        .filter(F.trim(F.col("line")) != "")  # blank lines are not records
+        .select(F.from_json(F.col("line"), _with_corrupt_record(schema), options).alias("record"), SOURCE_FILE)
+        .select("record.*", SOURCE_FILE)
     )
+
+
+def read_song_data(spark: SparkSession, input_root: str) -> DataFrame:
+    return read_json(spark, join(input_root, SONG_DATA), SONG_SCHEMA, small_files=True)
+
+
+def read_log_data(spark: SparkSession, input_root: str) -> DataFrame:
+    return read_json(spark, join(input_root, LOG_DATA), LOG_SCHEMA)
 
 
 def _reject_reason(required: str, missing_reason: str) -> Column:
@@ -716,14 +741,14 @@ def phase(report: RunReport, name: str) -> Iterator[Dict[str, object]]:
 
 def extract(spark: SparkSession, settings: Settings, report: RunReport) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
     with phase(report, "read song_data") as counts:
-        song_raw = read_json(spark, join(settings.input_root, SONG_DATA), SONG_SCHEMA)
+        song_raw = read_song_data(spark, settings.input_root)
         report.input["song_files"] = counts["files"] = len(song_raw.inputFiles())  # a cached plan lists none
         song_raw = song_raw.cache()
         songs, song_rejects = split_songs(song_raw)
         report.input["song_records"] = counts["records"] = song_raw.count()
         report.rejected[SONG_DATA] = counts["rejected"] = song_rejects.count()
     with phase(report, "read log_data") as counts:
-        log_raw = read_json(spark, join(settings.input_root, LOG_DATA), LOG_SCHEMA)
+        log_raw = read_log_data(spark, settings.input_root)
         report.input["log_files"] = counts["files"] = len(log_raw.inputFiles())
         log_raw = log_raw.cache()
         events, event_rejects = split_events(log_raw)
@@ -872,6 +897,8 @@ def tuning(cores: int) -> Dict[str, str]:
         # Song files are ~250 bytes each. At the default open cost (4 MB) Spark plans one task per 32 files,
         # ~470 tasks for 15,000 files; at 8 KB it packs them into one task per core.
         "spark.sql.files.openCostInBytes": str(8 * 1024),
+        # Block locations mean nothing for local disks or S3, and asking costs a call per file.
+        "spark.sql.sources.ignoreDataLocality": "true",
     }
 
 

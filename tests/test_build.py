@@ -284,3 +284,23 @@ def test_write_table_makes_one_folder_per_partition_value(spark, song_records, t
     assert folders == ["year=0", "year=2005"]
     assert len(list((tmp_path / "songs" / "year=2005").glob("*.parquet"))) == 1  # one file per folder
     assertDataFrameEqual(spark.read.parquet(str(tmp_path / "songs")).select(*etl.TABLE_COLUMNS["songs"]), songs)
+
+
+def test_song_files_are_read_whole_with_the_same_reject_rules(spark, tmp_path):
+    folder = tmp_path / "song_data" / "A" / "B"
+    folder.mkdir(parents=True)
+    good = '{"song_id": "S1", "title": "T", "artist_id": "A1", "year": 2000, "duration": 1.5}'
+    (folder / "TR1.json").write_text(good)  # real song files end without a newline
+    (folder / "TR2.json").write_bytes(b'{"song_id": "S2", "title": "Two"}\r\n\r\n')
+    (folder / "TR3.json").write_text('{"song_id": "S3", "title": \n{"title": "no id"}\n')
+    (folder / "TR4.json").write_text('{"song_id": "S4", "year": "1999"}')
+    raw = etl.read_song_data(spark, str(tmp_path)).cache()
+    clean, rejects = etl.split_songs(raw)
+    assertDataFrameEqual(clean.select("song_id", "title", "year"), spark.createDataFrame(
+        [("S1", "T", 2000), ("S2", "Two", None)], "song_id string, title string, year int"))
+    source = f"file:{folder}"
+    assertDataFrameEqual(rejects, spark.createDataFrame([
+        (f"{source}/TR3.json", etl.REASON_MALFORMED, '{"song_id": "S3", "title": '),
+        (f"{source}/TR3.json", etl.REASON_NO_SONG_ID, '{"title":"no id"}'),
+        (f"{source}/TR4.json", etl.REASON_BAD_TYPE, '{"song_id": "S4", "year": "1999"}'),
+    ], REJECTS_SCHEMA))
