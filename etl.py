@@ -831,9 +831,8 @@ def s3a_options(aws: AwsSettings) -> Dict[str, str]:
         options["fs.s3a.path.style.access"] = "true"
         options["fs.s3a.connection.ssl.enabled"] = str(aws.endpoint.startswith("https://")).lower()
     elif aws.region:
+        # hadoop-aws 3.3.1 has no region setting: it reads the region from the endpoint's host name.
         options["fs.s3a.endpoint"] = f"s3.{aws.region}.amazonaws.com"
-    if aws.region:
-        options["fs.s3a.endpoint.region"] = aws.region
     return options
 
 
