@@ -304,3 +304,22 @@ def test_song_files_are_read_whole_with_the_same_reject_rules(spark, tmp_path):
         (f"{source}/TR3.json", etl.REASON_NO_SONG_ID, '{"title":"no id"}'),
         (f"{source}/TR4.json", etl.REASON_BAD_TYPE, '{"song_id": "S4", "year": "1999"}'),
     ], REJECTS_SCHEMA))
+
+
+def test_quality_gate_catches_orphans_duplicate_keys_and_unreconciled_plays(spark, event_records, song_records):
+    events = event_records(play(), play(itemInSession=1, ts=ms(2018, 11, 1, 11)))
+    tables = etl.build_tables(song_records(song()), events)
+    assert all(check.passed for check in etl.run_checks(tables, events))
+    broken = dict(tables)
+    broken["users"] = tables["users"].limit(0)                      # every play's user is missing
+    broken["songs"] = tables["songs"].unionByName(tables["songs"])  # song_id twice
+    broken["time"] = tables["time"].limit(1)                        # one start_time missing
+    more_events = events.unionByName(event_records(play(itemInSession=2)))
+    failed = {c.name: c.detail for c in etl.run_checks(broken, more_events) if not c.passed}
+    assert failed == {
+        "users is not empty": "0 rows",
+        "songs.song_id is unique and not null": "0 null, 1 duplicated",
+        "songplays.user_id is in users": "2 rows without a match",
+        "songplays.start_time is in time": "1 rows without a match",
+        "songplays reconcile with NextSong events": "3 distinct NextSong events of known users, 2 songplays",
+    }
