@@ -975,18 +975,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     LOG.info("input %s -> output %s", settings.input_root, settings.output_root)
     log_routes(s3_route, settings)
     report = RunReport(settings)
-    with phase(report, "start spark"):
-        spark = create_spark_session(settings, s3_route)
+    try:
+        with phase(report, "start spark"):
+            spark = create_spark_session(settings, s3_route)
+    except Exception as exc:  # no Java, say; nothing has been read or written yet
+        print(f"error: cannot start Spark: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    report_path = join(settings.output_root, REPORT_NAME)
     try:
         succeeded = run_job(spark, settings, report)
     except Exception as exc:  # the report must still say the run failed
         report.error = _one_line(exc)
         LOG.error("run failed: %s", report.error)
         succeeded = False
+    try:
+        write_text(spark, report_path, report.to_json(spark.version))
+    except Exception as exc:
+        LOG.error("could not write the run report %s: %s", report_path, _one_line(exc))
+        succeeded = False
     finally:
-        write_text(spark, join(settings.output_root, REPORT_NAME), report.to_json(spark.version))
         spark.stop()
-    LOG.info("run %s; report at %s", report.status, join(settings.output_root, REPORT_NAME))
+    LOG.info("run %s; report at %s", report.status, report_path)
     return 0 if succeeded else 1
 
 

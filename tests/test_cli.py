@@ -136,3 +136,11 @@ def test_layout_naming_an_unknown_column_is_an_error(run_etl, tmp_path):
     config = tmp_path / "dl.cfg"
     config.write_text("[LAYOUT]\nSONGS_PARTITION_BY = year, artist\n")
     assert_one_line_error(run_etl(config=config), "SONGS_PARTITION_BY", "names artist, which is not a column of songs")
+
+
+def test_no_java_is_one_clear_line(run_etl, tmp_path):
+    result = run_etl("--input", SAMPLE, "--output", tmp_path / "out",
+                     env={"JAVA_HOME": str(tmp_path / "no-jdk"), "PATH": os.path.dirname(os.sys.executable)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot start Spark: ")
+    assert "Traceback" not in result.stderr
