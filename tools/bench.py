@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,16 +22,42 @@ SEED = 42
 SONGS_BY_YEAR = "[LAYOUT]\nSONGS_PARTITION_BY = year\n"
 
 
+PROBE = r"""
+import json, os, subprocess, sys, threading, time
+
+def tree_rss_kb(root):
+    # The JVM is a grandchild (python -> spark-submit -> java): sum the resident set of the whole tree.
+    parents, rss = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except OSError:
+            continue
+        parents[int(pid)] = int(fields["PPid"])
+        rss[int(pid)] = int(fields.get("VmRSS", "0 kB").split()[0])
+    def under(pid):
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+    return sum(kb for pid, kb in rss.items() if under(pid))
+
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:])
+peak = 0
+while child.poll() is None:
+    peak = max(peak, tree_rss_kb(child.pid))
+    time.sleep(0.25)
+print(json.dumps({"code": child.returncode, "wall_s": time.perf_counter() - start, "peak_rss_mb": peak / 1024}))
+"""
+
+
 def measure(command, log_path):
-    """Runs command in a child that reports wall seconds and the peak RSS of its own children."""
-    probe = ("import json, resource, subprocess, sys, time\n"
-             "start = time.perf_counter()\n"
-             "code = subprocess.call(sys.argv[1:])\n"
-             "wall = time.perf_counter() - start\n"
-             "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-             "print(json.dumps({'code': code, 'wall_s': wall, 'peak_rss_mb': peak / 1024}))\n")
+    """Runs command in a child that reports wall seconds and the peak resident memory of its process tree."""
     with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-c", probe, *map(str, command)], stdout=subprocess.PIPE,
+        done = subprocess.run([sys.executable, "-c", PROBE, *map(str, command)], stdout=subprocess.PIPE,
                               stderr=log, text=True, check=False)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["code"] != 0:
