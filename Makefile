@@ -3,23 +3,31 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
+QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
+JARS    = $(shell sed 's|^|.jars/|' .jars/maven-jars.txt | paste -sd, -)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run submit test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt tools/get_s3a_jars.py tools/build_jar.py $(wildcard tools/java/sparkify/*.java tools/java/sparkify/*/*.java)
+$(STAMP): requirements.txt requirements-dev.txt tools/get_jars.py tools/build_jar.py $(wildcard tools/java/sparkify/*.java)
 	@command -v java >/dev/null || { echo "error: Java 17 (or 11) is needed for Spark; install a JDK first" >&2; exit 1; }
+	@command -v mvn >/dev/null || { echo "error: Maven (mvn) is needed to fetch the S3A jars; install it first (apt-get install maven)" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 9))' || { echo "error: Python 3.9+ is needed (set PYTHON=...)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) tools/get_s3a_jars.py .jars
+	$(PY) tools/get_jars.py .jars
 	$(PY) tools/build_jar.py .jars
 	touch $(STAMP)
 
 run: setup
 	$(PY) etl.py
+
+# The same job under spark-submit, with the jars `make setup` resolved; ARGS go to etl.py.
+submit: setup
+	PYSPARK_PYTHON=$(PY) $(VENV)/bin/spark-submit $(QUIET) --jars $(JARS) etl.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest

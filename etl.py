@@ -38,6 +38,8 @@ DEFAULT_OUTPUT = "output"
 SONG_DATA = "song_data"
 LOG_DATA = "log_data"
 REPORT_NAME = "_run_report.json"
+# The run report's names for each tree's file and record counts.
+REPORT_INPUT_KEYS = {SONG_DATA: ("song_files", "song_records"), LOG_DATA: ("log_files", "log_events")}
 REJECTED_DIR = "_rejected"
 
 SONGPLAYS = "songplays"
@@ -124,11 +126,32 @@ LOG_SCHEMA = T.StructType([
 S3_SCHEMES = ("s3://", "s3a://", "s3n://")
 # Files every EMR node carries; EMR's own tooling reads them too.
 EMR_MARKERS = ("/mnt/var/lib/info/job-flow.json", "/emr/instance-controller/lib/info/instance.json")
-# The S3A connector for Hadoop 3.3.x, fetched from PyPI by `make setup` (see README).
+# `make setup` resolves hadoop-aws and spark-hadoop-cloud from Maven Central into .jars/ and lists
+# them in the manifest (tools/get_jars.py); it also builds our java.nio local file system there.
 JARS_DIR = os.path.join(HERE, ".jars")
-S3A_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
-# Our own JVM extras (tools/java/), built by `make setup` where a JDK is present; the job runs without them.
-EXTRAS_JAR = os.path.join(JARS_DIR, "sparkify-hadoop.jar")
+JARS_MANIFEST = os.path.join(JARS_DIR, "maven-jars.txt")
+NIO_JAR = os.path.join(JARS_DIR, "sparkify-hadoop.jar")
+NIO_FILE_SYSTEM = "sparkify.NioLocalFileSystem"
+S3A_FILE_SYSTEM = "org.apache.hadoop.fs.s3a.S3AFileSystem"
+CLOUD_COMMIT_PROTOCOL = "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol"
+# S3A's magic committer, bound to Spark as Spark's cloud-integration guide says: each file is uploaded
+# once, to its final key, and becomes visible at job commit; the classic committer copies every object.
+MAGIC_COMMITTER = {
+    "spark.sql.sources.commitProtocolClass": CLOUD_COMMIT_PROTOCOL,
+    "spark.sql.parquet.output.committer.class": "org.apache.spark.internal.io.cloud.BindingParquetOutputCommitter",
+    "spark.hadoop.fs.s3a.committer.name": "magic",
+    "spark.hadoop.fs.s3a.committer.magic.enabled": "true",
+    # s3:// and s3n:// are S3A too off EMR (s3a_options), so they get its committer as well.
+    **{f"spark.hadoop.mapreduce.outputcommitter.factory.scheme.{scheme.split(':')[0]}":
+       "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory" for scheme in S3_SCHEMES},
+}
+SESSION_CONF = {
+    # Every time function then works in UTC, whatever the machine's zone.
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.debug.maxToStringFields": "100",  # our 19-column schema is not worth a warning
+}
 S3A_PROVIDERS = {
     "static": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
     "session": "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
@@ -753,21 +776,22 @@ def phase(report: RunReport, name: str) -> Iterator[Dict[str, object]]:
     LOG.info("%-16s %6.1fs  %s", name, seconds, details)
 
 
+def _read_tree(report: RunReport, tree: str, raw: DataFrame,
+               split: Callable[[DataFrame], Tuple[DataFrame, DataFrame]]) -> Tuple[DataFrame, DataFrame]:
+    """Counts one input tree's files, records and rejects into the report; returns (clean, rejects)."""
+    with phase(report, f"read {tree}") as counts:
+        files_key, records_key = REPORT_INPUT_KEYS[tree]
+        report.input[files_key] = counts["files"] = len(raw.inputFiles())  # a cached plan lists none
+        raw = raw.cache()
+        clean, rejects = split(raw)
+        report.input[records_key] = counts["records"] = raw.count()
+        report.rejected[tree] = counts["rejected"] = rejects.count()
+    return clean, rejects
+
+
 def extract(spark: SparkSession, settings: Settings, report: RunReport) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
-    with phase(report, "read song_data") as counts:
-        song_raw = read_song_data(spark, settings.input_root)
-        report.input["song_files"] = counts["files"] = len(song_raw.inputFiles())  # a cached plan lists none
-        song_raw = song_raw.cache()
-        songs, song_rejects = split_songs(song_raw)
-        report.input["song_records"] = counts["records"] = song_raw.count()
-        report.rejected[SONG_DATA] = counts["rejected"] = song_rejects.count()
-    with phase(report, "read log_data") as counts:
-        log_raw = read_log_data(spark, settings.input_root)
-        report.input["log_files"] = counts["files"] = len(log_raw.inputFiles())
-        log_raw = log_raw.cache()
-        events, event_rejects = split_events(log_raw)
-        report.input["log_events"] = counts["records"] = log_raw.count()
-        report.rejected[LOG_DATA] = counts["rejected"] = event_rejects.count()
+    songs, song_rejects = _read_tree(report, SONG_DATA, read_song_data(spark, settings.input_root), split_songs)
+    events, event_rejects = _read_tree(report, LOG_DATA, read_log_data(spark, settings.input_root), split_events)
     return songs, song_rejects, events, event_rejects
 
 
@@ -816,11 +840,16 @@ def emr_marker() -> Optional[str]:
     return next((path for path in EMR_MARKERS if os.path.exists(path)), None)
 
 
-def s3a_jars() -> List[str]:
-    jars = [os.path.join(JARS_DIR, name) for name in S3A_JARS]
+def maven_jars() -> List[str]:
+    """The jars `make setup` resolved from Maven Central (tools/get_jars.py lists them in a manifest)."""
+    try:
+        with open(JARS_MANIFEST, encoding="utf-8") as manifest:
+            jars = [os.path.join(JARS_DIR, name) for name in manifest.read().split()]
+    except OSError:
+        raise EtlError(f"S3A connector not set up: {JARS_MANIFEST} not found (run `make setup`, or see README)") from None
     missing = [jar for jar in jars if not os.path.isfile(jar)]
     if missing:
-        raise EtlError(f"S3A connector jar not found: {missing[0]} (run `make setup`, or see README)")
+        raise EtlError(f"S3A connector jar not found: {missing[0]} (run `make setup`)")
     return jars
 
 
@@ -839,13 +868,14 @@ def s3a_options(aws: AwsSettings) -> Dict[str, str]:
         "fs.s3a.threads.max": "64",
         "fs.s3a.bucket.probe": "0",  # the preflight has seen the buckets
     }
+    if aws.region:
+        options["fs.s3a.endpoint.region"] = aws.region
     if aws.endpoint:
         # MinIO, LocalStack and moto serve buckets as paths, often over plain http.
         options["fs.s3a.endpoint"] = aws.endpoint
         options["fs.s3a.path.style.access"] = "true"
         options["fs.s3a.connection.ssl.enabled"] = str(aws.endpoint.startswith("https://")).lower()
     elif aws.region:
-        # hadoop-aws 3.3.1 has no region setting: it reads the region from the endpoint's host name.
         options["fs.s3a.endpoint"] = f"s3.{aws.region}.amazonaws.com"
     return options
 
@@ -856,89 +886,76 @@ def s3a_secrets(aws: AwsSettings) -> Dict[str, str]:
     return {key: value for key, value in keys.items() if value}
 
 
-def under_spark_submit() -> bool:
-    """spark-submit starts the JVM before Python, so its classpath is already fixed."""
-    return "PYSPARK_GATEWAY_PORT" in os.environ
+@dataclass(frozen=True)
+class SparkPlan:
+    """How this run sets Spark up; made by plan_spark, the one place that decides it."""
+    conf: Mapping[str, str] = field(default_factory=dict)  # for the session builder: never a secret
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)  # set on the live Hadoop configuration
+    # Classes the run needs that spark-submit's own classpath must provide: checked once the JVM is up.
+    needed_classes: Mapping[str, str] = field(default_factory=dict)
+    summary: str = "local paths"
 
 
-def choose_s3_route(settings: Settings) -> Optional[str]:
-    """None for local runs; "emrfs" on EMR, where s3:// is EMR's own; "s3a" everywhere else."""
-    if not settings.uses_s3:
-        return None
-    return "emrfs" if emr_marker() else "s3a"
-
-
-def log_routes(route: Optional[str], settings: Settings) -> None:
-    if use_extras(route):
-        LOG.info("JVM extras on: local files without chmod processes%s",
-                 "; S3A magic committer" if route == "s3a" else "")
+def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker: Optional[str],
+               maven: Callable[[], List[str]] = maven_jars, nio_jar: str = NIO_JAR) -> SparkPlan:
+    """Turns how the job was started (python or spark-submit), where (EMR or not) and what it touches
+    (local paths or S3) into the session's settings and jars, with a summary of why."""
+    # spark-submit starts the JVM before Python runs, so jars and the driver's classpath are already fixed.
+    submitted = "PYSPARK_GATEWAY_PORT" in environ
+    uses_s3 = settings is not None and settings.uses_s3
+    conf: Dict[str, str] = {}
+    if marker:
+        return SparkPlan(summary=f"EMR ({marker}): S3, committers and local files are left to EMR's own set-up")
+    if submitted:
+        nio = "local files through Hadoop's default (spark-submit fixes the driver's classpath before the job runs)"
+    elif os.path.isfile(nio_jar):
+        # On the JVM's classpath from launch: Spark reads local files through fs.file.impl before spark.jars.
+        conf.update({"spark.driver.extraClassPath": nio_jar, "spark.hadoop.fs.file.impl": NIO_FILE_SYSTEM})
+        nio = "local files through java.nio (no chmod process per file)"
     else:
-        LOG.info("JVM extras off (%s not built, spark-submit or EMR): Hadoop's defaults apply", EXTRAS_JAR)
-    log_s3_route(route, settings)
+        nio = f"local files through Hadoop's default ({nio_jar} not built: run `make setup`)"
+    if not uses_s3:
+        return SparkPlan(conf=conf, summary=f"local paths; {nio}")
+    conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(settings.aws).items()})
+    conf.update(MAGIC_COMMITTER)
+    if submitted:
+        needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
+        jars = "from spark-submit's --jars or --packages"
+    else:
+        needed, jars = {}, f"from {JARS_DIR} (Maven Central, via make setup)"
+        conf["spark.jars"] = ",".join(maven())
+    return SparkPlan(conf=conf, secrets=s3a_secrets(settings.aws), needed_classes=needed,
+                     summary=f"S3 through S3A and its magic committer, jars {jars}, "
+                             f"credentials from the {settings.aws.source}; {nio}")
 
 
-def log_s3_route(route: Optional[str], settings: Settings) -> None:
-    if route == "emrfs":
-        LOG.info("EMR detected (%s): S3 is left to EMR's own connector; no jars or S3 settings added", emr_marker())
-    elif route == "s3a":
-        LOG.info("not on EMR: S3 through the S3A connector, credentials from the %s", settings.aws.source)
-
-
-def use_extras(s3_route: Optional[str]) -> bool:
-    """Our jar is added only when this process starts the JVM, and never on EMR, which is tuned already."""
-    return os.path.isfile(EXTRAS_JAR) and not under_spark_submit() and s3_route != "emrfs"
-
-
-def extras_options(s3_route: Optional[str]) -> Dict[str, str]:
-    options = {
-        # Permissions through java.nio: without it every file and folder written starts a `chmod` process.
-        "spark.hadoop.fs.file.impl": "sparkify.NioLocalFileSystem",
-    }
-    if s3_route == "s3a":
-        # S3A's magic committer: files are uploaded once, to their final key, and made visible at job
-        # commit; the default committer copies every object twice (README, "S3 in, S3 out").
-        options.update({
-            "spark.sql.sources.commitProtocolClass": "sparkify.committer.PathOutputCommitProtocol",
-            "spark.hadoop.mapreduce.outputcommitter.factory.scheme.s3a":
-                "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory",
-            "spark.hadoop.fs.s3a.committer.name": "magic",
-            "spark.hadoop.fs.s3a.committer.magic.enabled": "true",
-        })
-    return options
-
-
-def create_spark_session(settings: Optional[Settings] = None, s3_route: Optional[str] = None) -> SparkSession:
-    builder = (
-        SparkSession.builder.appName(APP_NAME)
-        # Every time function then works in UTC, whatever the machine's zone.
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.debug.maxToStringFields", "100")  # our 19-column schema is not worth a warning
-    )
-    jars = s3a_jars() if s3_route == "s3a" and not under_spark_submit() else []
-    if s3_route == "s3a":
-        for key, value in s3a_options(settings.aws).items():
-            builder = builder.config(f"spark.hadoop.{key}", value)
-    if use_extras(s3_route):
-        # On the JVM's own classpath from launch: spark-submit reads local files through fs.file.impl
-        # before it loads spark.jars. In local mode the driver is also the executor.
-        builder = builder.config("spark.driver.extraClassPath", EXTRAS_JAR)
-        for key, value in extras_options(s3_route).items():
-            builder = builder.config(key, value)
-    if jars:
-        builder = builder.config("spark.jars", ",".join(jars))
+def create_spark_session(plan: Optional[SparkPlan] = None) -> SparkSession:
+    plan = plan or SparkPlan()
+    builder = SparkSession.builder.appName(APP_NAME)
+    for key, value in {**SESSION_CONF, **plan.conf}.items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    if s3_route == "s3a":
-        hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
-        for key, value in s3a_secrets(settings.aws).items():
-            hadoop_conf.set(key, value)
+    _require_classes(spark, plan.needed_classes)
+    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
+    for key, value in plan.secrets.items():
+        hadoop_conf.set(key, value)
     chosen_by_user = dict(spark.sparkContext.getConf().getAll())
     for key, value in tuning(spark.sparkContext.defaultParallelism).items():
         if key not in chosen_by_user:
             spark.conf.set(key, value)
     return spark
+
+
+def _require_classes(spark: SparkSession, classes: Mapping[str, str]) -> None:
+    loader = spark.sparkContext._jvm.Thread.currentThread().getContextClassLoader()
+    for name, provider in classes.items():
+        try:
+            spark.sparkContext._jvm.java.lang.Class.forName(name, False, loader)
+        except Exception:
+            spark.stop()
+            raise EtlError(f"{provider} is not on spark-submit's classpath ({name}): pass the jars with "
+                           f"--jars or --packages (README, \"spark-submit\")") from None
 
 
 def tuning(cores: int) -> Dict[str, str]:
@@ -965,19 +982,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv), os.environ)
         preflight_local(settings)
-        s3_route = choose_s3_route(settings)
-        if s3_route == "s3a" and not under_spark_submit():
-            s3a_jars()
+        plan = plan_spark(settings, os.environ, emr_marker())
         preflight_s3(settings)
     except EtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     LOG.info("input %s -> output %s", settings.input_root, settings.output_root)
-    log_routes(s3_route, settings)
+    LOG.info("Spark set-up: %s", plan.summary)
     report = RunReport(settings)
     try:
         with phase(report, "start spark"):
-            spark = create_spark_session(settings, s3_route)
+            spark = create_spark_session(plan)
+    except EtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # no Java, say; nothing has been read or written yet
         print(f"error: cannot start Spark: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -118,6 +118,6 @@ def test_log_has_one_line_per_phase_with_counts_and_seconds(run_etl, sample_outp
     assert sorted(phases) == sorted(expected)
     assert phases["read song_data"] == "71 files, 71 records, 0 rejected"
     assert phases["build songplays"] == phases["write songplays"] == "6820 rows"
-    assert "JVM extras on: local files without chmod processes" in result.stderr
+    assert "INFO Spark set-up: local paths; local files through java.nio (no chmod process per file)" in result.stderr
     # Spark's own INFO chatter stays off the console.
     assert not [line for line in result.stderr.splitlines() if "INFO" in line and not line.startswith("20")]

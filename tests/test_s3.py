@@ -1,6 +1,9 @@
 """S3 in, S3 out: the real S3A connector against a real S3 API server (moto) on loopback."""
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -49,6 +52,17 @@ def s3(s3_endpoint):
     return client
 
 
+def spark_submit(*args, env):
+    """spark-submit as the README gives it: the venv's Python on both sides, quiet console logging."""
+    command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"),
+               "--driver-java-options", f"-Dlog4j.configurationFile={etl.HERE}/conf/log4j2.properties", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **env, "PYSPARK_PYTHON": sys.executable})
+    # spark-submit passes the Python process's stderr on through its own stdout.
+    result.output = result.stdout + result.stderr
+    return result
+
+
 def download(client, bucket, prefix, target):
     """What an analyst would do to read the lake locally: fetch every object under the prefix."""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -65,7 +79,8 @@ def test_s3_round_trip_through_environment_variables_equals_local_run(spark, run
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     result = run_etl("--input", "s3://in-bucket/", "--output", "s3a://lake-bucket/lake/", env=env)
     assert result.returncode == 0, result.stderr
-    assert "S3 through the S3A connector, credentials from the environment" in result.stderr
+    assert "S3 through S3A and its magic committer, jars from " in result.stderr
+    assert "credentials from the environment" in result.stderr
 
     lake = download(s3, "lake-bucket", "lake/", tmp_path / "lake")
     tables, expected = read_tables(spark, lake), read_tables(spark, sample_output)
@@ -125,17 +140,26 @@ def test_unreachable_endpoint_is_one_clear_line(run_etl, tmp_path):
 
 def test_spark_submit_with_jars_runs_the_same_file(spark, s3, s3_endpoint, empty_config, sample_output, tmp_path):
     """spark-submit starts the JVM first, so the jars come from --jars, as the README says."""
-    import os
-    import subprocess
-    import sys
-
-    jars = ",".join(os.path.join(etl.JARS_DIR, name) for name in etl.S3A_JARS)
-    command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--jars", jars, etl.__file__,
-               "--config", empty_config, "--input", "s3://in-bucket", "--output", "s3://lake-bucket/submitted"]
-    env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint, "PYSPARK_PYTHON": sys.executable}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = spark_submit("--jars", ",".join(etl.maven_jars()), etl.__file__, "--config", empty_config,
+                          "--input", "s3://in-bucket", "--output", "s3://lake-bucket/submitted",
+                          env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint})
+    assert result.returncode == 0, result.output[-3000:]
+    assert "S3 through S3A and its magic committer, jars from spark-submit's --jars" in result.output
+    # The quiet log4j2 file keeps Spark's INFO start-up lines off the console; the job's own remain.
+    assert " INFO SparkContext:" not in result.output and "INFO read song_data" in result.output
     lake = download(s3, "lake-bucket", "submitted/", tmp_path / "lake")
     tables, expected = read_tables(spark, lake), read_tables(spark, sample_output)
     for name in etl.TABLES:
         assertDataFrameEqual(tables[name], expected[name])
+    success = json.loads((lake / "songs" / "_SUCCESS").read_text())
+    assert success["committer"] == "magic"
+
+
+def test_spark_submit_without_the_s3a_jars_is_one_clear_line(s3, s3_endpoint, empty_config, tmp_path):
+    result = spark_submit(etl.__file__, "--config", empty_config, "--input", "s3://in-bucket",
+                          "--output", "s3://lake-bucket/no-jars", env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint})
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and errors == [
+        "error: the S3A connector is not on spark-submit's classpath (org.apache.hadoop.fs.s3a.S3AFileSystem): "
+        "pass the jars with --jars or --packages (README, \"spark-submit\")"], result.output[-3000:]
+    assert "Traceback" not in result.output

@@ -4,9 +4,8 @@
 Usage: python tools/build_jar.py DEST_DIR
 
 - sparkify.NioLocalFileSystem: file:// without a `chmod` process per file and folder.
-- sparkify.committer.PathOutputCommitProtocol: our stand-in for spark-hadoop-cloud's class (not on
-  PyPI), so Spark can use S3A's magic committer.
-Compiled against pyspark's bundled jars plus DEST_DIR/hadoop-aws-3.3.1.jar.
+No library provides it (Hadoop's own answer is its native library, which pip's pyspark lacks).
+Compiled against pyspark's bundled jars.
 
 * Idempotent: does nothing if the jar is newer than the source.
 * Optional: if javac is missing, prints one line and exits 0.
@@ -24,7 +23,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SOURCES = sorted((HERE / "java").rglob("*.java"))
 JAR_NAME = "sparkify-hadoop.jar"
-AWS_JAR = "hadoop-aws-3.3.1.jar"
 
 
 def pyspark_jars_dir():
@@ -60,12 +58,9 @@ def main(argv):
     jars_dir = pyspark_jars_dir()
     if jars_dir is None or not jars_dir.is_dir():
         return fail("pyspark (and its jars directory) not found; run inside the project venv")
-    aws_jar = dest / AWS_JAR
-    if not aws_jar.is_file():
-        return fail(f"{aws_jar} missing; run tools/get_s3a_jars.py {dest} first")
 
     # Spark 3.5 runs on Java 8/11/17; --release 8 keeps the jar loadable on all of them.
-    classpath = os.pathsep.join([str(jars_dir / "*"), str(aws_jar)])
+    classpath = str(jars_dir / "*")
     with tempfile.TemporaryDirectory(prefix="sparkify-hadoop-") as tmp:
         classes = Path(tmp) / "classes"
         classes.mkdir()

@@ -1,0 +1,79 @@
+"""How Spark is set up: the jars `make setup` resolved, and the one function that decides the session."""
+import re
+from pathlib import Path
+
+import pyspark
+import pytest
+
+import etl
+
+SECRET = "sEcReT-setup-never-in-conf"
+LOCAL = etl.Settings("/in", "/out", "/out/_rejected")
+ON_S3 = etl.Settings("s3://in", "s3a://lake/x", "s3a://lake/x/_rejected",
+                     aws=etl.AwsSettings("AKIA", SECRET, region="eu-west-1", source="environment"))
+PYTHON, SUBMITTED = {}, {"PYSPARK_GATEWAY_PORT": "4242"}
+MAVEN = ("/jars/hadoop-aws.jar", "/jars/sdk.jar")
+
+
+def plan(settings, environ=PYTHON, marker=None, nio_built=True):
+    nio_jar = Path(etl.NIO_JAR) if nio_built else Path("/nowhere/sparkify-hadoop.jar")
+    return etl.plan_spark(settings, environ, marker, maven=lambda: list(MAVEN), nio_jar=str(nio_jar))
+
+
+def bundled_version(artifact):
+    jars = Path(pyspark.__file__).parent / "jars"
+    (version,) = [m.group(1) for m in (re.match(rf"{artifact}-(\d[^-]*)\.jar$", p.name) for p in jars.iterdir()) if m]
+    return version
+
+
+def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
+    """Hadoop's S3A documentation: hadoop-aws must match hadoop-common exactly."""
+    names = Path(etl.JARS_MANIFEST).read_text().split()
+    aws = [name for name in names if name.startswith("hadoop-aws-")]
+    assert aws == [f"hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
+    assert f"spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
+    assert all(Path(jar).is_file() for jar in etl.maven_jars())
+
+
+def test_local_run_started_by_python_uses_the_nio_file_system():
+    chosen = plan(LOCAL)
+    assert chosen.conf == {"spark.driver.extraClassPath": etl.NIO_JAR, "spark.hadoop.fs.file.impl": etl.NIO_FILE_SYSTEM}
+    assert chosen.summary == "local paths; local files through java.nio (no chmod process per file)"
+
+
+def test_an_unbuilt_nio_jar_is_named_as_the_reason():
+    chosen = plan(LOCAL, nio_built=False)
+    assert chosen.conf == {}
+    assert "/nowhere/sparkify-hadoop.jar not built: run `make setup`" in chosen.summary
+
+
+def test_s3_run_started_by_python_adds_the_maven_jars_and_the_magic_committer():
+    chosen = plan(ON_S3)
+    assert chosen.conf["spark.jars"] == ",".join(MAVEN)
+    assert chosen.conf["spark.sql.sources.commitProtocolClass"] == etl.CLOUD_COMMIT_PROTOCOL
+    assert chosen.conf["spark.hadoop.fs.s3a.committer.name"] == "magic"
+    assert chosen.conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
+    assert chosen.secrets == {"fs.s3a.access.key": "AKIA", "fs.s3a.secret.key": SECRET}
+    assert chosen.needed_classes == {}
+    assert "credentials from the environment" in chosen.summary
+
+
+def test_spark_submit_brings_its_own_jars_which_are_checked_once_spark_is_up():
+    chosen = plan(ON_S3, SUBMITTED)
+    assert "spark.jars" not in chosen.conf and "spark.driver.extraClassPath" not in chosen.conf
+    assert set(chosen.needed_classes) == {etl.S3A_FILE_SYSTEM, etl.CLOUD_COMMIT_PROTOCOL}
+    assert "spark-submit fixes the driver's classpath" in chosen.summary
+
+
+@pytest.mark.parametrize("settings", [LOCAL, ON_S3], ids=["local", "s3"])
+def test_emr_is_left_to_its_own_set_up(settings):
+    chosen = plan(settings, marker="/mnt/var/lib/info/job-flow.json")
+    assert chosen == etl.SparkPlan(summary="EMR (/mnt/var/lib/info/job-flow.json): S3, committers and local "
+                                           "files are left to EMR's own set-up")
+
+
+@pytest.mark.parametrize("environ", [PYTHON, SUBMITTED], ids=["python", "spark-submit"])
+def test_secrets_never_reach_the_builder_settings_or_the_log(environ):
+    chosen = plan(ON_S3, environ)
+    assert SECRET not in repr(chosen) and SECRET not in chosen.summary
+    assert SECRET not in "".join(chosen.conf.values())
