@@ -13,8 +13,12 @@ import configparser
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,7 +41,22 @@ DEFAULT_OUTPUT = "output"
 
 SONG_DATA = "song_data"
 LOG_DATA = "log_data"
-REPORT_NAME = "_run_report.json"
+REPORT_NAME = "_run_report.json"  # the latest run's report, "running" while it runs
+RUNS_DIR = "_runs"  # every run's final report, <run id>.json: the last completed run is the newest
+# A run writes everything under <root>/_staging/<run id>/ first; names starting with "_" are skipped by
+# Spark, Athena, pyarrow and DuckDB readers. The journal, once written, means "publish this".
+STAGING_DIR = "_staging"
+OLD_VERSIONS_DIR = "_old"
+PUBLISH_JOURNAL = "_PUBLISH.json"
+LOCK_NAME = "_lock"  # local output: held with flock, which the kernel releases when the process dies
+LEASE_NAME = "_lease.json"  # S3 output: created with a conditional PUT, renewed while the run lives
+LEASE_TTL_S = 300
+LEASE_RENEW_S = 60
+PAUSE_ENV = "SPARKIFY_PAUSE_AT"
+# Publishing on S3: requests in flight, retries per request, keys per DeleteObjects (S3's maximum).
+S3_REQUESTS_IN_FLIGHT = 64
+S3_ATTEMPTS = 10
+S3_DELETE_BATCH = 1000
 # The run report's names for each tree's file and record counts.
 REPORT_INPUT_KEYS = {SONG_DATA: ("song_files", "song_records"), LOG_DATA: ("log_files", "log_events")}
 REJECTED_DIR = "_rejected"
@@ -345,13 +364,13 @@ def preflight_local(settings: Settings) -> None:
                 raise EtlError(f"output folder is not writable: {out}")
 
 
-def _s3_client(aws: AwsSettings):
+def _s3_client(aws: AwsSettings, attempts: int = 2, pool: int = 10):
+    """The preflight's default is few, short retries: a wrong bucket or endpoint fails in seconds."""
     import boto3  # optional: only S3 runs need it, and EMR nodes have it
     from botocore.config import Config
 
-    # Few, short retries: a wrong bucket or endpoint should fail in seconds, not minutes.
-    config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"},
-                    s3={"addressing_style": "path"} if aws.endpoint else None)
+    config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": attempts, "mode": "standard"},
+                    max_pool_connections=pool, s3={"addressing_style": "path"} if aws.endpoint else None)
     return boto3.client("s3", region_name=aws.region, endpoint_url=aws.endpoint, config=config,
                         aws_access_key_id=aws.access_key, aws_secret_access_key=aws.secret_key,
                         aws_session_token=aws.session_token)
@@ -719,16 +738,255 @@ def write_table(table: DataFrame, path: str, partition_by: Sequence[str]) -> Non
     writer.parquet(path)
 
 
-def write_text(spark: SparkSession, path: str, text: str) -> None:
-    """Writes one small file through Hadoop's file system layer, so local and S3 paths work alike."""
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    stream = fs.create(hadoop_path, True)
+# --------------------------------------------------------------------------- staging, publish, lock
+
+class LocalStore:
+    """Output on local disk: files through os, a table swapped in by renaming its folder."""
+
+    def __init__(self) -> None:
+        self._locks: Dict[str, object] = {}
+
+    def read_json(self, path: str) -> Optional[dict]:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def write_json(self, path: str, document: dict) -> None:
+        # Write aside, then rename: a reader or a crash never sees half a file.
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(document, indent=2) + "\n")
+        os.replace(partial, path)
+
+    def children(self, path: str) -> List[str]:
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def remove(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def swap_in(self, staged: str, final: str, old: str) -> None:
+        """Puts staged where final is, atomically where the kernel allows; the previous final ends up at old."""
+        if not os.path.exists(staged):
+            return  # swapped in already, before a crash
+        if os.path.exists(final):
+            os.makedirs(os.path.dirname(old), exist_ok=True)
+            if _exchange(staged, final):
+                os.rename(staged, old)  # staged now names the previous version
+                return
+            os.rename(final, old)  # no atomic exchange: the table is missing for one rename
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(staged, final)
+
+    def take_lock(self, root: str, run_id: str) -> None:
+        import fcntl  # POSIX only, like the atomic swap; the kernel drops the lock when the process dies
+
+        handle = open(join(root, LOCK_NAME), "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise EtlError(f"another run is writing to {root} ({holder}); wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"run {run_id}, pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._locks[root] = handle
+
+    def release_lock(self, root: str) -> None:
+        handle = self._locks.pop(root, None)
+        if handle is not None:
+            handle.close()
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Linux's renameat2(RENAME_EXCHANGE): swaps two folders in one step, so a reader sees one or the other."""
     try:
-        stream.write(bytearray(text.encode("utf-8")))
-    finally:
-        stream.close()
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        rename_exchange, at_cwd = 2, -100
+        return libc.renameat2(at_cwd, first.encode(), at_cwd, second.encode(), rename_exchange) == 0
+    except (AttributeError, OSError):  # not Linux, or a C library without renameat2
+        return False
+
+
+class S3Store:
+    """Output on S3 through boto3: no rename, so a table is published by server-side copies, many at once."""
+
+    def __init__(self, aws: AwsSettings) -> None:
+        self._client = _s3_client(aws, attempts=S3_ATTEMPTS, pool=S3_REQUESTS_IN_FLIGHT)
+        self._renewer: Optional[threading.Timer] = None
+
+    def read_json(self, path: str) -> Optional[dict]:
+        bucket, key = split_s3(path)
+        try:
+            return json.loads(self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except self._client.exceptions.NoSuchKey:
+            return None
+
+    def write_json(self, path: str, document: dict, **conditions: str) -> None:
+        bucket, key = split_s3(path)
+        self._client.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=2).encode() + b"\n",
+                                ContentType="application/json", **conditions)
+
+    def keys(self, path: str) -> List[str]:
+        """Every key below path, relative to it: one LIST request per 1,000 keys, whatever the depth."""
+        bucket, prefix = split_s3(path)
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+        return [item["Key"][len(prefix) + 1:] for page in pages for item in page.get("Contents", [])]
+
+    def children(self, path: str) -> List[str]:
+        bucket, prefix = split_s3(path)
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/",
+                                                                        Delimiter="/")
+        return sorted(p["Prefix"][len(prefix) + 1:].rstrip("/") for page in pages
+                      for p in page.get("CommonPrefixes", []))
+
+    def exists(self, path: str) -> bool:
+        return bool(self.keys(path))
+
+    def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
+        bucket, prefix = split_s3(path)
+        keys = self.keys(path) if keys is None else keys
+        for start in range(0, len(keys), S3_DELETE_BATCH):
+            batch = [{"Key": f"{prefix}/{key}"} for key in keys[start:start + S3_DELETE_BATCH]]
+            self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        (source_bucket, source_prefix), (bucket, prefix) = split_s3(source), split_s3(target)
+
+        def copy_one(key: str) -> None:
+            self._client.copy_object(Bucket=bucket, Key=f"{prefix}/{key}",
+                                     CopySource={"Bucket": source_bucket, "Key": f"{source_prefix}/{key}"})
+        with ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT) as pool:
+            list(pool.map(copy_one, keys))
+
+    def take_lock(self, root: str, run_id: str) -> None:
+        """A lease object, created only if absent (a conditional PUT); a lease not renewed in time is stale."""
+        path = join(root, LEASE_NAME)
+        lease = self.read_json(path)
+        if lease and not _is_stale(lease):
+            raise EtlError(f"another run is writing to {root} (run {lease.get('run_id')} on {lease.get('host')}, "
+                           f"lease until {_utc(lease['expires_at'])}); wait, or see README to clear a stale lease")
+        if lease:
+            LOG.warning("taking over the stale lease of run %s (until %s, pid %s on %s)", lease.get("run_id"),
+                        _utc(lease.get("expires_at", 0)), lease.get("pid"), lease.get("host"))
+            self.remove(root, [LEASE_NAME])
+        try:
+            self._renew(path, run_id, IfNoneMatch="*")
+        except self._client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise
+            raise EtlError(f"another run took the lease of {root} just now; wait for it to finish") from None
+
+    def _renew(self, path: str, run_id: str, **conditions: str) -> None:
+        self.write_json(path, {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                               "expires_at": time.time() + LEASE_TTL_S}, **conditions)
+        self._renewer = threading.Timer(LEASE_RENEW_S, self._renew, args=(path, run_id))
+        self._renewer.daemon = True  # a dead driver stops renewing, so its lease goes stale
+        self._renewer.start()
+
+    def release_lock(self, root: str) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        self.remove(root, [LEASE_NAME])
+
+
+def _is_stale(lease: dict) -> bool:
+    """Not renewed in time, or its run was on this machine and its process is gone (killed, say)."""
+    if lease.get("expires_at", 0) < time.time():
+        return True
+    if lease.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease.get("pid", 0)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _utc(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="seconds")
+
+
+def open_store(root: str, aws: AwsSettings):
+    return S3Store(aws) if is_s3(root) else LocalStore()
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One folder readers see (a table, or a tree's rejects) and where this run stages it."""
+    root: str
+    name: str
+
+    def final(self) -> str:
+        return join(self.root, self.name)
+
+    def staged(self, run_id: str) -> str:
+        return join(self.root, STAGING_DIR, run_id, self.name)
+
+    def old(self, run_id: str) -> str:
+        return join(self.root, STAGING_DIR, run_id, OLD_VERSIONS_DIR, self.name)
+
+
+def publish(store, units: Sequence[Unit], run_id: str, journal_path: str) -> None:
+    """Makes the staged units the published ones. The journal, written first, lets the next run finish a
+    publish that was killed half-way; on S3 it also names the old files to delete."""
+    journal = {"run_id": run_id, "units": [vars(unit) for unit in units]}
+    if isinstance(store, S3Store):
+        for entry, unit in zip(journal["units"], units):
+            entry["new"] = store.keys(unit.staged(run_id))
+            entry["old"] = sorted(set(store.keys(unit.final())) - set(entry["new"]))
+    store.write_json(journal_path, journal)
+    pause_point("publish")
+    finish_publish(store, journal)
+
+
+def finish_publish(store, journal: dict) -> None:
+    """Idempotent: run again on the same journal, it does only what is left."""
+    run_id = journal["run_id"]
+    for entry in journal["units"]:
+        unit = Unit(entry["root"], entry["name"])
+        if isinstance(store, S3Store):
+            # New files first, then the old ones go: a reader sees the old version, then both, then the new.
+            store.copy(unit.staged(run_id), unit.final(), entry["new"])
+            store.remove(unit.final(), entry["old"])
+        else:
+            store.swap_in(unit.staged(run_id), unit.final(), unit.old(run_id))
+        LOG.debug("published %s", unit.final())
+        pause_point(f"published {unit.name}")
+
+
+def recover(store, roots: Sequence[str], output_root: str) -> None:
+    """Before anything else: finish a publish a killed run left half-done, then clear dead runs' staging."""
+    staging = join(output_root, STAGING_DIR)
+    for run_id in store.children(staging):
+        journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
+        if journal:
+            LOG.warning("finishing the publish of run %s, which was stopped half-way", run_id)
+            finish_publish(store, journal)
+    for root in roots:
+        store.remove(join(root, STAGING_DIR))
+
+
+def pause_point(name: str) -> None:
+    """Fault injection for the crash tests: SPARKIFY_PAUSE_AT=<name> stops the run here until it is killed."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"paused at {name}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
 
 
 # --------------------------------------------------------------------------- the run
@@ -736,32 +994,40 @@ def write_text(spark: SparkSession, path: str, text: str) -> None:
 @dataclass
 class RunReport:
     settings: Settings
+    run_id: str = field(default_factory=lambda: new_run_id())
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    status: str = "failed"
+    status: str = "running"
     error: Optional[str] = None
     input: Dict[str, int] = field(default_factory=dict)
     rejected: Dict[str, int] = field(default_factory=dict)
     tables: Dict[str, Dict[str, int]] = field(default_factory=dict)
     checks: List[Check] = field(default_factory=list)
     phases: Dict[str, float] = field(default_factory=dict)
+    published: List[str] = field(default_factory=list)
 
-    def to_json(self, spark_version: str) -> str:
-        document = {
+    def document(self) -> dict:
+        return {
             "status": self.status,
             "error": self.error,
+            "run_id": self.run_id,
             "started_at": self.started_at.isoformat(timespec="seconds"),
             "duration_s": round((datetime.now(timezone.utc) - self.started_at).total_seconds(), 3),
             "job_version": JOB_VERSION,
-            "spark_version": spark_version,
+            "spark_version": pyspark.__version__,
             "input_root": self.settings.input_root,
             "output_root": self.settings.output_root,
             "input": self.input,
             "rejected": {**self.rejected, "path": self.settings.rejected_root},
+            # Only what this run made visible: a run that stopped early claims nothing.
+            "published": self.published,
             "tables": self.tables,
             "checks": [vars(check) for check in self.checks],
             "phases_s": self.phases,
         }
-        return json.dumps(document, indent=2) + "\n"
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
 @contextmanager
@@ -791,6 +1057,7 @@ def _read_tree(report: RunReport, tree: str, raw: DataFrame,
 
 def extract(spark: SparkSession, settings: Settings, report: RunReport) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
     songs, song_rejects = _read_tree(report, SONG_DATA, read_song_data(spark, settings.input_root), split_songs)
+    pause_point("read")
     events, event_rejects = _read_tree(report, LOG_DATA, read_log_data(spark, settings.input_root), split_events)
     return songs, song_rejects, events, event_rejects
 
@@ -806,34 +1073,46 @@ def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Dict[st
     return build_tables(songs, events, on_built=cache_and_count)
 
 
-def load(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], settings: Settings,
-         report: RunReport) -> None:
+def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
+    return [Unit(settings.rejected_root, tree) for tree in (SONG_DATA, LOG_DATA)] + \
+           [Unit(settings.output_root, name) for name in tables]
+
+
+def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], settings: Settings,
+          report: RunReport) -> None:
+    """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/."""
     for tree, frame in rejects.items():
         # Rejects are few; one file per tree is easiest to inspect.
-        frame.coalesce(1).write.mode("overwrite").json(join(settings.rejected_root, tree))
-    for name in TABLES:
+        frame.coalesce(1).write.mode("overwrite").json(Unit(settings.rejected_root, tree).staged(report.run_id))
+    for name in tables:
+        pause_point(f"write {name}")
         with phase(report, f"write {name}") as counts:
-            write_table(tables[name], join(settings.output_root, name), settings.partition_by[name])
+            write_table(tables[name], Unit(settings.output_root, name).staged(report.run_id),
+                        settings.partition_by[name])
             counts["rows"] = report.tables[name]["rows"]
 
 
-def run_job(spark: SparkSession, settings: Settings, report: RunReport) -> bool:
-    """Extract, transform, check, load. Returns False, with nothing published, if the gate fails."""
+def run_job(spark: SparkSession, settings: Settings, store, report: RunReport) -> bool:
+    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
     songs, song_rejects, events, event_rejects = extract(spark, settings, report)
     tables = transform(songs, events, report)
     with phase(report, "quality gate") as counts:
+        pause_point("gate")
         report.checks = run_checks(tables, events)
         failed = [check for check in report.checks if not check.passed]
         counts["checks"], counts["failed"] = len(report.checks), len(failed)
-    rejects = {SONG_DATA: song_rejects, LOG_DATA: event_rejects}
-    if failed:
-        for check in failed:
-            LOG.error("check failed: %s (%s)", check.name, check.detail)
-        load({}, rejects, settings, report)
-        return False
-    load(tables, rejects, settings, report)
-    report.status = "succeeded"
-    return True
+    for check in failed:
+        LOG.error("check failed: %s (%s)", check.name, check.detail)
+    to_publish = [] if failed else list(TABLES)
+    stage({name: tables[name] for name in to_publish}, {SONG_DATA: song_rejects, LOG_DATA: event_rejects},
+          settings, report)
+    with phase(report, "publish") as counts:
+        publish(store, units(settings, to_publish), report.run_id,
+                join(settings.output_root, STAGING_DIR, report.run_id, PUBLISH_JOURNAL))
+        report.published = [unit.final() for unit in units(settings, to_publish)]
+        counts["folders"] = len(report.published)
+    report.status = "failed" if failed else "succeeded"
+    return not failed
 
 
 def emr_marker() -> Optional[str]:
@@ -987,34 +1266,83 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    LOG.info("input %s -> output %s", settings.input_root, settings.output_root)
-    LOG.info("Spark set-up: %s", plan.summary)
-    report = RunReport(settings)
+    run_id = new_run_id()
     try:
-        with phase(report, "start spark"):
-            spark = create_spark_session(plan)
+        store = open_store(settings.output_root, settings.aws)
+        store.take_lock(settings.output_root, run_id)
     except EtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # no Java, say; nothing has been read or written yet
-        print(f"error: cannot start Spark: {_one_line(exc)}", file=sys.stderr)
+    except Exception as exc:  # S3 itself failing, having passed the preflight seconds ago
+        print(f"error: cannot lock {settings.output_root}: {_one_line(exc)}", file=sys.stderr)
         return 1
-    report_path = join(settings.output_root, REPORT_NAME)
     try:
-        succeeded = run_job(spark, settings, report)
+        return locked_run(settings, plan, store, RunReport(settings, run_id=run_id))
+    finally:
+        store.release_lock(settings.output_root)
+
+
+def locked_run(settings: Settings, plan: SparkPlan, store, report: RunReport) -> int:
+    """Everything after the lock: recovery, the run, and a report that says at every moment what is true."""
+    LOG.info("input %s -> output %s, run %s", settings.input_root, settings.output_root, report.run_id)
+    LOG.info("Spark set-up: %s", plan.summary)
+    try:
+        recover(store, staging_roots(settings), settings.output_root)
+        begin_report(store, settings, report)
+    except Exception as exc:
+        print(f"error: cannot prepare {settings.output_root}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    try:
+        with phase(report, "start spark"):
+            spark = create_spark_session(plan)
+    except Exception as exc:  # no Java, say, or jars missing; nothing has been read or written yet
+        report.error = str(exc) if isinstance(exc, EtlError) else f"cannot start Spark: {_one_line(exc)}"
+        code = end_report(store, settings, report, 2 if isinstance(exc, EtlError) else 1)
+        print(f"error: {report.error}", file=sys.stderr)  # last, so it is the line a user sees
+        return code
+    try:
+        code = 0 if run_job(spark, settings, store, report) else 1
     except Exception as exc:  # the report must still say the run failed
         report.error = _one_line(exc)
         LOG.error("run failed: %s", report.error)
-        succeeded = False
-    try:
-        write_text(spark, report_path, report.to_json(spark.version))
-    except Exception as exc:
-        LOG.error("could not write the run report %s: %s", report_path, _one_line(exc))
-        succeeded = False
+        code = 1
     finally:
         spark.stop()
-    LOG.info("run %s; report at %s", report.status, report_path)
-    return 0 if succeeded else 1
+    return end_report(store, settings, report, code)
+
+
+def staging_roots(settings: Settings) -> List[str]:
+    return list(dict.fromkeys((settings.output_root, settings.rejected_root)))
+
+
+def begin_report(store, settings: Settings, report: RunReport) -> None:
+    """A run in progress says so; a previous run that never finished is filed as interrupted."""
+    latest = join(settings.output_root, REPORT_NAME)
+    previous = store.read_json(latest)
+    if previous and previous.get("status") == "running":
+        previous.update(status="interrupted", error="the run stopped before it finished (killed?)")
+        store.write_json(join(settings.output_root, RUNS_DIR, f"{previous.get('run_id')}.json"), previous)
+    store.write_json(latest, report.document())
+
+
+def end_report(store, settings: Settings, report: RunReport, code: int) -> int:
+    """Clears this run's staging (journal first), then files the final report; returns the exit code."""
+    if report.status == "running":
+        report.status = "failed"
+    document = report.document()
+    try:
+        store.remove(join(settings.output_root, STAGING_DIR, report.run_id, PUBLISH_JOURNAL))
+        for root in staging_roots(settings):
+            store.remove(join(root, STAGING_DIR, report.run_id))
+            if not store.children(join(root, STAGING_DIR)):
+                store.remove(join(root, STAGING_DIR))
+        store.write_json(join(settings.output_root, RUNS_DIR, f"{report.run_id}.json"), document)
+        store.write_json(join(settings.output_root, REPORT_NAME), document)
+    except Exception as exc:
+        LOG.error("could not finish the run report in %s: %s", settings.output_root, _one_line(exc))
+        return code or 1
+    LOG.info("run %s; report at %s", report.status, join(settings.output_root, REPORT_NAME))
+    return code
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """One local SparkSession for the whole suite, and helpers to write input rows by hand."""
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -88,3 +89,20 @@ def sample_output(run_etl, tmp_path_factory):
 
 def read_tables(spark, root):
     return {name: spark.read.parquet(str(Path(root) / name)) for name in etl.TABLES}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 API server (moto's) on loopback, for S3A and boto3 alike."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{server._port}"
+    server.stop()

@@ -113,7 +113,7 @@ def test_log_has_one_line_per_phase_with_counts_and_seconds(run_etl, sample_outp
     result = run_etl("--input", SAMPLE, "--output", tmp_path / "output")
     phase_line = re.compile(r" INFO (\S+(?: \S+)?)\s+(\d+\.\d)s  (.*)$")
     phases = {m.group(1): m.group(3) for m in map(phase_line.search, result.stderr.splitlines()) if m}
-    expected = ["start spark", "read song_data", "read log_data", "quality gate"]
+    expected = ["start spark", "read song_data", "read log_data", "quality gate", "publish"]
     expected += [f"{verb} {name}" for verb in ("build", "write") for name in etl.TABLES]
     assert sorted(phases) == sorted(expected)
     assert phases["read song_data"] == "71 files, 71 records, 0 rejected"

@@ -1,39 +1,22 @@
 """S3 in, S3 out: the real S3A connector against a real S3 API server (moto) on loopback."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from conftest import SAMPLE, read_tables
+from conftest import SAMPLE, free_port, read_tables
 
 SECRET = "sEcReT-7f3a9c-never-log-me"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIATESTINGSPARKIFY", "AWS_SECRET_ACCESS_KEY": SECRET,
                "AWS_REGION": "us-east-1"}
 JUNK = {"song_data/.DS_Store": b"\x00\x00\x00\x01Bud1", "__MACOSX/song_data/A/._x.json": b"\x00\x05\x16\x07",
         "song_data/A/__MACOSX/._y.json": b"\x00\x05\x16\x07", "log_data/2018/11/._z.json": b"\x00\x05\x16\x07"}
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._port}"
-    yield endpoint
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +113,7 @@ def test_preflight_failures_are_one_clear_line(run_etl, s3, s3_endpoint, args, m
 
 
 def test_unreachable_endpoint_is_one_clear_line(run_etl, tmp_path):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     result = run_etl("--input", "s3://in-bucket/", "--output", tmp_path / "out",
                      env={**CREDENTIALS, "AWS_ENDPOINT_URL": dead})
     assert result.returncode == 2

@@ -1,0 +1,206 @@
+"""A killed run never empties a table: SIGKILL at each step, then every table is yesterday's or today's.
+
+Each run is killed at a pause point (SPARKIFY_PAUSE_AT, etl.pause_point) with SIGKILL to its whole
+process group, Python and JVM alike. Tables are read back the way an analyst's tool would: pyarrow,
+with names starting with "_" or "." ignored.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import pyarrow.dataset as ds
+import pytest
+
+import etl
+from conftest import ETL, SAMPLE
+
+PAUSE_TIMEOUT_S = 300
+LOCAL_KILLS = ["read", "gate", *[f"write {name}" for name in etl.TABLES], "publish", f"published {etl.SONGS}"]
+S3_KILLS = [f"write {etl.SONGS}", f"published {etl.SONGS}"]
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIACRASHTEST", "AWS_SECRET_ACCESS_KEY": "crash-secret", "AWS_REGION": "us-east-1"}
+
+
+def make_input(root, days, drop_songs=0):
+    """The sample with only some days of events and without a few songs: small, and different per version."""
+    songs = sorted(SAMPLE.glob("song_data/**/*.json"))[drop_songs:]
+    for path in songs + sorted(SAMPLE.glob("log_data/**/*.json")):
+        if "log_data" not in path.parts or path.name[8:10] in days:
+            target = root / path.relative_to(SAMPLE)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return root
+
+
+def start(config, *args, pause=None, env=None):
+    environment = {**os.environ, **(env or {}), **({etl.PAUSE_ENV: pause} if pause else {})}
+    return subprocess.Popen([sys.executable, ETL, "--config", config, *map(str, args)], env=environment,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def run(config, *args, env=None):
+    """A whole run; returns (exit status, stderr)."""
+    process = start(config, *args, env=env)
+    _, stderr = process.communicate(timeout=PAUSE_TIMEOUT_S)
+    return process.returncode, stderr
+
+
+def wait_for_pause(process, name):
+    deadline = time.monotonic() + PAUSE_TIMEOUT_S
+    for line in process.stderr:
+        if line.strip() == f"paused at {name}":
+            return
+        assert time.monotonic() < deadline, f"no pause at {name}"
+    raise AssertionError(f"the run ended (status {process.wait()}) before pausing at {name}")
+
+
+def kill(process):
+    os.killpg(process.pid, signal.SIGKILL)  # Python and the JVM it started share the group
+    process.wait()
+    process.stderr.close()
+
+
+def snapshot(root):
+    """Every table as sorted rows, read with pyarrow as an analyst would (_ and . names ignored)."""
+    tables = {}
+    for name in etl.TABLES:
+        path = os.path.join(root, name)
+        assert os.path.isdir(path), f"{name} is missing"
+        rows = ds.dataset(path, format="parquet", partitioning="hive",
+                          ignore_prefixes=["_", "."]).to_table().to_pylist()
+        assert rows, f"{name} is empty"
+        tables[name] = sorted(json.dumps(row, sort_keys=True, default=str) for row in rows)
+    return tables
+
+
+def assert_each_table_is_one_version(root, old, new):
+    current = snapshot(root)
+    for name in etl.TABLES:
+        assert current[name] in (old[name], new[name]), f"{name} is neither the previous nor the new version"
+    return current
+
+
+def staged_leftovers(root):
+    return [os.path.join(folder, name) for folder, dirs, files in os.walk(root)
+            for name in dirs + files if name == etl.STAGING_DIR]
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory, empty_config):
+    """Yesterday's published lake (input A) and, in a separate folder, today's complete tables (input B)."""
+    base = tmp_path_factory.mktemp("crash")
+    inputs = {"old": make_input(base / "in-old", {"01", "02"}), "new": make_input(base / "in-new", {"02", "03"}, 3)}
+    outputs = {}
+    for name, folder in inputs.items():
+        outputs[name] = base / f"out-{name}"
+        assert run(empty_config, "--input", folder, "--output", outputs[name])[0] == 0
+    old, new = snapshot(outputs["old"]), snapshot(outputs["new"])
+    assert all(old[name] != new[name] for name in etl.TABLES)
+    return inputs, outputs, old, new
+
+
+@pytest.mark.parametrize("moment", LOCAL_KILLS)
+def test_a_kill_leaves_every_table_whole(versions, empty_config, tmp_path, moment):
+    inputs, outputs, old, new = versions
+    lake = tmp_path / "lake"
+    shutil.copytree(outputs["old"], lake)
+    killed = start(empty_config, "--input", inputs["new"], "--output", lake, pause=moment)
+    wait_for_pause(killed, moment)
+    if moment == "gate":  # while a run holds the lake, a second one is refused in one line
+        status, stderr = run(empty_config, "--input", inputs["new"], "--output", lake)
+        assert status == 2 and stderr.strip().startswith(f"error: another run is writing to {lake}"), stderr
+    kill(killed)
+
+    current = assert_each_table_is_one_version(lake, old, new)
+    report = json.loads((lake / etl.REPORT_NAME).read_text())
+    assert report["status"] == "running" and report["published"] == []
+    if moment.startswith("published"):
+        assert current[etl.SONGS] == new[etl.SONGS] and current[etl.SONGPLAYS] == old[etl.SONGPLAYS]
+    else:
+        assert current == old
+
+
+@pytest.mark.parametrize("moment", ["write time", f"published {etl.SONGS}"])
+def test_the_next_run_finishes_or_clears_a_killed_one(versions, empty_config, tmp_path, moment):
+    inputs, outputs, old, new = versions
+    lake = tmp_path / "lake"
+    shutil.copytree(outputs["old"], lake)
+    killed = start(empty_config, "--input", inputs["new"], "--output", lake, pause=moment)
+    wait_for_pause(killed, moment)
+    killed_id = json.loads((lake / etl.REPORT_NAME).read_text())["run_id"]
+    kill(killed)
+
+    assert run(empty_config, "--input", inputs["new"], "--output", lake)[0] == 0
+    assert snapshot(lake) == new and staged_leftovers(lake) == []
+    assert json.loads((lake / etl.RUNS_DIR / f"{killed_id}.json").read_text())["status"] == "interrupted"
+    assert json.loads((lake / etl.REPORT_NAME).read_text())["status"] == "succeeded"
+
+
+# --------------------------------------------------------------------------- S3
+
+@pytest.fixture(scope="module")
+def s3_versions(versions, s3_endpoint):
+    """The two versions' inputs in a bucket, and yesterday's lake as a prefix to copy per test."""
+    inputs, outputs, old, new = versions
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id="setup", aws_secret_access_key="setup")
+    client.create_bucket(Bucket="crash-bucket")
+    for name, root in [*inputs.items(), ("lake-old", outputs["old"])]:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.name.startswith(".") and etl.RUNS_DIR not in path.parts:
+                client.upload_file(str(path), "crash-bucket", f"{name}/{path.relative_to(root).as_posix()}")
+    return client, old, new
+
+
+def s3_lake(client, name):
+    """A copy of yesterday's lake under its own prefix."""
+    for item in client.list_objects_v2(Bucket="crash-bucket", Prefix="lake-old/")["Contents"]:
+        client.copy_object(Bucket="crash-bucket", Key=f"{name}/{item['Key'][len('lake-old/'):]}",
+                           CopySource={"Bucket": "crash-bucket", "Key": item["Key"]})
+    return f"s3://crash-bucket/{name}"
+
+
+def download(client, prefix, target):
+    for item in client.list_objects_v2(Bucket="crash-bucket", Prefix=f"{prefix}/").get("Contents", []):
+        path = target / item["Key"][len(prefix) + 1:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file("crash-bucket", item["Key"], str(path))
+    return target
+
+
+@pytest.mark.parametrize("moment", S3_KILLS)
+def test_a_kill_on_s3_leaves_every_table_whole_and_the_next_run_finishes(s3_versions, s3_endpoint, empty_config,
+                                                                         tmp_path, moment):
+    client, old, new = s3_versions
+    name = moment.replace(" ", "-")
+    lake, env = s3_lake(client, name), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    killed = start(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, pause=moment, env=env)
+    wait_for_pause(killed, moment)
+    kill(killed)
+    current = assert_each_table_is_one_version(download(client, name, tmp_path / "killed"), old, new)
+    assert current[etl.SONGS] == (new if moment.startswith("published") else old)[etl.SONGS]
+
+    assert run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)[0] == 0
+    after = download(client, name, tmp_path / "after")
+    assert snapshot(after) == new and staged_leftovers(after) == []
+    assert not (after / etl.LEASE_NAME).exists()
+
+
+def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(s3_versions, s3_endpoint, empty_config):
+    client, old, new = s3_versions
+    lake, env = s3_lake(client, "leased"), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    lease = {"run_id": "20261124T000000Z-deadbeef", "host": "elsewhere", "pid": 1}
+    client.put_object(Bucket="crash-bucket", Key=f"leased/{etl.LEASE_NAME}",
+                      Body=json.dumps({**lease, "expires_at": time.time() + 600}))
+    status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
+    assert status == 2 and stderr.strip().startswith(
+        f"error: another run is writing to {lake} (run 20261124T000000Z-deadbeef on elsewhere"), stderr
+
+    client.put_object(Bucket="crash-bucket", Key=f"leased/{etl.LEASE_NAME}",
+                      Body=json.dumps({**lease, "expires_at": time.time() - 1}))
+    status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
+    assert status == 0 and "taking over the stale lease of run 20261124T000000Z-deadbeef" in stderr
