@@ -783,6 +783,12 @@ class LocalStore:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.rename(staged, final)
 
+    def plan_publish(self, unit: Unit, run_id: str) -> dict:
+        return {}  # a folder swap needs nothing but the unit's names
+
+    def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
+        self.swap_in(unit.staged(run_id), unit.final(), unit.old(run_id))
+
     def take_lock(self, root: str, run_id: str) -> None:
         import fcntl  # POSIX only, like the atomic swap; the kernel drops the lock when the process dies
 
@@ -871,6 +877,16 @@ class S3Store:
         with ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT) as pool:
             list(pool.map(copy_one, keys))
 
+    def plan_publish(self, unit: Unit, run_id: str) -> dict:
+        """The keys to copy in and, of the published ones, those to delete afterwards."""
+        new = self.keys(unit.staged(run_id))
+        return {"new": new, "old": sorted(set(self.keys(unit.final())) - set(new))}
+
+    def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
+        # New files first, then the old ones go: a reader sees the old version, then both, then the new.
+        self.copy(unit.staged(run_id), unit.final(), entry["new"])
+        self.remove(unit.final(), entry["old"])
+
     def take_lock(self, root: str, run_id: str) -> None:
         """A lease object, created only if absent (a conditional PUT); a lease not renewed in time is stale."""
         path = join(root, LEASE_NAME)
@@ -892,7 +908,17 @@ class S3Store:
     def _renew(self, path: str, run_id: str, **conditions: str) -> None:
         self.write_json(path, {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
                                "expires_at": time.time() + LEASE_TTL_S}, **conditions)
-        self._renewer = threading.Timer(LEASE_RENEW_S, self._renew, args=(path, run_id))
+        self._renew_later(path, run_id)
+
+    def _renew_later(self, path: str, run_id: str) -> None:
+        def renew() -> None:
+            try:
+                self._renew(path, run_id)
+            except Exception as exc:  # S3 briefly away: the lease has minutes left, so try again later
+                LOG.warning("could not renew the lease %s: %s", path, _one_line(exc))
+                self._renew_later(path, run_id)
+
+        self._renewer = threading.Timer(LEASE_RENEW_S, renew)
         self._renewer.daemon = True  # a dead driver stops renewing, so its lease goes stale
         self._renewer.start()
 
@@ -943,12 +969,8 @@ class Unit:
 
 def publish(store, units: Sequence[Unit], run_id: str, journal_path: str) -> None:
     """Makes the staged units the published ones. The journal, written first, lets the next run finish a
-    publish that was killed half-way; on S3 it also names the old files to delete."""
-    journal = {"run_id": run_id, "units": [vars(unit) for unit in units]}
-    if isinstance(store, S3Store):
-        for entry, unit in zip(journal["units"], units):
-            entry["new"] = store.keys(unit.staged(run_id))
-            entry["old"] = sorted(set(store.keys(unit.final())) - set(entry["new"]))
+    publish that was killed half-way; the store adds what it needs to finish (on S3, the keys)."""
+    journal = {"run_id": run_id, "units": [{**vars(unit), **store.plan_publish(unit, run_id)} for unit in units]}
     store.write_json(journal_path, journal)
     pause_point("publish")
     finish_publish(store, journal)
@@ -956,29 +978,27 @@ def publish(store, units: Sequence[Unit], run_id: str, journal_path: str) -> Non
 
 def finish_publish(store, journal: dict) -> None:
     """Idempotent: run again on the same journal, it does only what is left."""
-    run_id = journal["run_id"]
     for entry in journal["units"]:
         unit = Unit(entry["root"], entry["name"])
-        if isinstance(store, S3Store):
-            # New files first, then the old ones go: a reader sees the old version, then both, then the new.
-            store.copy(unit.staged(run_id), unit.final(), entry["new"])
-            store.remove(unit.final(), entry["old"])
-        else:
-            store.swap_in(unit.staged(run_id), unit.final(), unit.old(run_id))
+        store.publish_unit(unit, journal["run_id"], entry)
         LOG.debug("published %s", unit.final())
         pause_point(f"published {unit.name}")
 
 
-def recover(store, roots: Sequence[str], output_root: str) -> None:
-    """Before anything else: finish a publish a killed run left half-done, then clear dead runs' staging."""
+def recover(store, roots: Sequence[str], output_root: str) -> Dict[str, List[str]]:
+    """Before anything else: finish a publish a killed run left half-done, then clear dead runs' staging.
+    Returns, per run whose publish it finished, the folders that run published."""
     staging = join(output_root, STAGING_DIR)
+    finished = {}
     for run_id in store.children(staging):
         journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
         if journal:
             LOG.warning("finishing the publish of run %s, which was stopped half-way", run_id)
             finish_publish(store, journal)
+            finished[run_id] = [Unit(entry["root"], entry["name"]).final() for entry in journal["units"]]
     for root in roots:
         store.remove(join(root, STAGING_DIR))
+    return finished
 
 
 def pause_point(name: str) -> None:
@@ -1287,8 +1307,8 @@ def locked_run(settings: Settings, plan: SparkPlan, store, report: RunReport) ->
     LOG.info("input %s -> output %s, run %s", settings.input_root, settings.output_root, report.run_id)
     LOG.info("Spark set-up: %s", plan.summary)
     try:
-        recover(store, staging_roots(settings), settings.output_root)
-        begin_report(store, settings, report)
+        finished = recover(store, staging_roots(settings), settings.output_root)
+        begin_report(store, settings, report, finished)
     except Exception as exc:
         print(f"error: cannot prepare {settings.output_root}: {_one_line(exc)}", file=sys.stderr)
         return 1
@@ -1315,12 +1335,15 @@ def staging_roots(settings: Settings) -> List[str]:
     return list(dict.fromkeys((settings.output_root, settings.rejected_root)))
 
 
-def begin_report(store, settings: Settings, report: RunReport) -> None:
-    """A run in progress says so; a previous run that never finished is filed as interrupted."""
+def begin_report(store, settings: Settings, report: RunReport, finished: Mapping[str, List[str]]) -> None:
+    """A run in progress says so; a previous run that never finished is filed as interrupted, with the
+    folders recovery published for it, if it had got as far as its publish."""
     latest = join(settings.output_root, REPORT_NAME)
     previous = store.read_json(latest)
     if previous and previous.get("status") == "running":
         previous.update(status="interrupted", error="the run stopped before it finished (killed?)")
+        if previous.get("run_id") in finished:
+            previous.update(published=finished[previous["run_id"]], published_by=report.run_id)
         store.write_json(join(settings.output_root, RUNS_DIR, f"{previous.get('run_id')}.json"), previous)
     store.write_json(latest, report.document())
 
