@@ -828,7 +828,10 @@ class S3Store:
     """Output on S3 through boto3: no rename, so a table is published by server-side copies, many at once."""
 
     def __init__(self, aws: AwsSettings) -> None:
-        self._client = _s3_client(aws, attempts=S3_ATTEMPTS, pool=S3_REQUESTS_IN_FLIGHT)
+        try:
+            self._client = _s3_client(aws, attempts=S3_ATTEMPTS, pool=S3_REQUESTS_IN_FLIGHT)
+        except ImportError:
+            raise EtlError("boto3 is needed to publish to S3 (pip install boto3; EMR nodes have it)") from None
         self._renewer: Optional[threading.Timer] = None
 
     def read_json(self, path: str) -> Optional[dict]:
