@@ -213,6 +213,8 @@ PARQUET_STORAGE = {
 # Glue's limits per request: BatchCreatePartition takes 100 partitions, BatchDeletePartition 25.
 GLUE_CREATE_BATCH = 100
 GLUE_DELETE_BATCH = 25
+# Throttling and brief outages are retried with backoff; an endpoint that is down fails in about 10 s.
+GLUE_ATTEMPTS = 4
 
 
 class EtlError(Exception):
@@ -1067,7 +1069,7 @@ def _glue_client(aws: AwsSettings):
     return boto3.client("glue", region_name=aws.region, aws_access_key_id=aws.access_key,
                         aws_secret_access_key=aws.secret_key, aws_session_token=aws.session_token,
                         config=Config(connect_timeout=5, read_timeout=30,
-                                      retries={"max_attempts": 5, "mode": "standard"}))
+                                      retries={"max_attempts": GLUE_ATTEMPTS, "mode": "standard"}))
 
 
 def glue_table_input(name: str, location: str, partition_by: Sequence[str]) -> dict:
@@ -1435,6 +1437,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines say where it found endpoints
     try:
         settings = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv), os.environ)
         preflight_local(settings)

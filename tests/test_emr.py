@@ -160,3 +160,27 @@ def test_launch_problems_are_one_line_before_anything_is_uploaded(clients, aws_e
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines == [message], result.stderr
     assert clients["s3"].list_objects_v2(Bucket="emr-code", Prefix="sparkify/etl.py")["KeyCount"] == 0
+
+
+@pytest.mark.parametrize("report, step_failure, code, error", [
+    ({"status": "succeeded", "catalog": {"status": "registered"}}, None, 0, None),
+    ({"status": "failed", "error": "quality gate"}, None, 1, "error: the run failed: quality gate"),
+    ({"status": "succeeded", "catalog": {"status": "failed", "error": "AccessDenied"}}, None, 1,
+     "error: the tables are published, but registering them in the Glue Data Catalog failed: AccessDenied"),
+    (None, None, 1, "error: the step completed but left no run report under s3://emr-lake/finish/"),
+    ({"status": "succeeded"}, "step s-1 FAILED: Step failed", 1, "error: step s-1 FAILED: Step failed"),
+], ids=["succeeded", "run-failed", "catalog-failed", "no-report", "step-failed"])
+def test_the_end_of_a_launch_prints_the_run_report_and_says_if_the_run_failed(clients, capsys, report, step_failure,
+                                                                               code, error):
+    """moto never completes a step, so the end of a completed one is tested on its own, on a real report."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import emr
+
+    s3 = clients["s3"]
+    s3.delete_objects(Bucket="emr-lake", Delete={"Objects": [{"Key": f"finish/{etl.REPORT_NAME}"}]})
+    if report is not None:
+        s3.put_object(Bucket="emr-lake", Key=f"finish/{etl.REPORT_NAME}", Body=json.dumps(report).encode())
+    assert emr.finish(s3, "s3://emr-lake/finish/", step_failure) == code
+    out, err = capsys.readouterr()
+    assert (json.loads(out) if out else None) == report
+    assert err.strip().splitlines() == ([error] if error else [])

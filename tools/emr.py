@@ -217,9 +217,13 @@ def finish(s3, output: str, failure: Optional[str]) -> int:
     if report is None:
         print(f"error: the step completed but left no run report under {output}", file=sys.stderr)
         return 1
-    if report.get("status") != "succeeded" or report.get("catalog", {}).get("status") == "failed":
-        print(f"error: the run {report.get('status')}: {report.get('error') or report.get('catalog')}",
-              file=sys.stderr)
+    if report.get("status") != "succeeded":
+        print(f"error: the run {report.get('status')}: {report.get('error')}", file=sys.stderr)
+        return 1
+    catalog = report.get("catalog") or {}
+    if catalog.get("status") == "failed":
+        print(f"error: the tables are published, but registering them in the Glue Data Catalog failed: "
+              f"{catalog.get('error')}", file=sys.stderr)
         return 1
     return 0
 
