@@ -1050,9 +1050,9 @@ def published_partitions(store, table_path: str, columns: Sequence[str]) -> Dict
     """
     partitions: Dict[Tuple[str, ...], str] = {}
     for key in store.keys(table_path):
-        folders = key.split("/")[:-1]
-        if not _is_visible(key.split("/")[-1]) or len(folders) != len(columns) or not all(map(_is_visible, folders)):
-            continue  # _SUCCESS, or a file that is not a partition's data
+        *folders, name = key.split("/")
+        if not name or not _is_visible(name) or len(folders) != len(columns) or not all(map(_is_visible, folders)):
+            continue  # a folder marker, _SUCCESS, or a file that is not a partition's data
         names_values = [folder.partition("=") for folder in folders]
         if [name for name, _, _ in names_values] != list(columns):
             continue
