@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 JARS    = $(shell sed 's|^|.jars/|' .jars/maven-jars.txt | paste -sd, -)
 
-.PHONY: setup run submit test bench clean
+.PHONY: setup run submit emr test bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ run: setup
 # The same job under spark-submit, with the jars `make setup` resolved; ARGS go to etl.py.
 submit: setup
 	PYSPARK_PYTHON=$(PY) $(VENV)/bin/spark-submit $(QUIET) --jars $(JARS) etl.py $(ARGS)
+
+# The job on Amazon EMR (tools/emr.py, boto3): ARGS="--code s3://... --input s3://... --output s3://..."
+emr: setup
+	$(PY) tools/emr.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest

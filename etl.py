@@ -13,11 +13,13 @@ import configparser
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -183,8 +185,36 @@ CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "REGION", "S3_ENDPOINT"),
     "PATHS": ("INPUT_DATA", "OUTPUT_DATA", "REJECTED_DATA"),
     "LAYOUT": tuple(f"{table.upper()}_PARTITION_BY" for table in TABLES),
+    "CATALOG": ("DATABASE",),
+    # Read by tools/emr.py, the launcher; the job itself ignores this section.
+    "EMR": ("RELEASE_LABEL", "INSTANCE_TYPE", "INSTANCE_COUNT", "SERVICE_ROLE", "INSTANCE_PROFILE", "LOG_URI",
+            "REGION", "CODE"),
 }
+# Never leave this machine: tools/emr.py blanks them in the dl.cfg it uploads.
+SECRET_CONFIG_KEYS = {"AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
 NO_PARTITIONS = "none"
+
+# The Glue Data Catalog (for Athena): each table as an external parquet table, with the contract's types.
+CATALOG_TYPES = {
+    "songplay_id": "string", "start_time": "timestamp", "user_id": "bigint", "level": "string",
+    "song_id": "string", "artist_id": "string", "session_id": "bigint", "location": "string",
+    "user_agent": "string", "year": "int", "month": "int", "first_name": "string", "last_name": "string",
+    "gender": "string", "title": "string", "duration": "double", "name": "string", "latitude": "double",
+    "longitude": "double", "hour": "int", "day": "int", "week": "int", "weekday": "int",
+}
+# Athena's rule for database names: lower case letters, digits and underscores.
+CATALOG_DATABASE_PATTERN = r"^[a-z0-9_]{1,255}$"
+PARQUET_STORAGE = {
+    "InputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
+    "OutputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
+    "SerdeInfo": {"SerializationLibrary": "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe",
+                  "Parameters": {"serialization.format": "1"}},
+}
+# Glue's limits per request: BatchCreatePartition takes 100 partitions, BatchDeletePartition 25.
+GLUE_CREATE_BATCH = 100
+GLUE_DELETE_BATCH = 25
+# Throttling and brief outages are retried with backoff; an endpoint that is down fails in about 10 s.
+GLUE_ATTEMPTS = 4
 
 
 class EtlError(Exception):
@@ -211,6 +241,7 @@ class Settings:
     rejected_root: str
     aws: AwsSettings = field(default_factory=AwsSettings)
     partition_by: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: dict(PARTITION_BY))
+    catalog_database: Optional[str] = None  # [CATALOG] DATABASE; None: the tables are not registered
 
     @property
     def uses_s3(self) -> bool:
@@ -268,7 +299,21 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     output_root = normalize_root(pick(args.output, "OUTPUT_DATA", DEFAULT_OUTPUT))
     rejected_root = normalize_root(pick(None, "REJECTED_DATA", join(output_root, REJECTED_DIR)))
     return Settings(input_root, output_root, rejected_root, resolve_aws(config.get("AWS", {}), environ),
-                    resolve_layout(config.get("LAYOUT", {}), config_path))
+                    resolve_layout(config.get("LAYOUT", {}), config_path),
+                    resolve_catalog(config.get("CATALOG", {}), output_root, config_path))
+
+
+def resolve_catalog(config: Mapping[str, str], output_root: str, config_path: Optional[str]) -> Optional[str]:
+    """The Glue database to register the tables in, or None. Athena reads only S3, so a local output is refused."""
+    database = config.get("DATABASE", "")
+    if not database:
+        return None
+    if not re.match(CATALOG_DATABASE_PATTERN, database):
+        raise EtlError(f"DATABASE in [CATALOG] of {config_path} must be lower case letters, digits and underscores")
+    if not is_s3(output_root):
+        raise EtlError(f"[CATALOG] DATABASE = {database} needs an S3 output root (Athena reads only S3); "
+                       f"output is {output_root}")
+    return database
 
 
 def resolve_layout(config: Mapping[str, str], config_path: Optional[str]) -> Dict[str, Tuple[str, ...]]:
@@ -1012,6 +1057,138 @@ def pause_point(name: str) -> None:
             time.sleep(60)
 
 
+# --------------------------------------------------------------------------- the Glue Data Catalog
+
+def s3_uri(path: str) -> str:
+    """Athena and Glue know s3:// only; s3a:// and s3n:// name the same objects."""
+    return "s3://" + path.split("://", 1)[1]
+
+
+def published_partitions(store, table_path: str, columns: Sequence[str]) -> Dict[Tuple[str, ...], str]:
+    """{partition values: folder} for every folder holding a data file of the published table.
+
+    Listed from storage rather than taken from the DataFrame: the catalog must point at the folders that
+    exist, spelt as Spark escaped them (a "/" in a value is "%2F" in the folder name), and a listing is
+    one request per 1,000 files.
+    """
+    partitions: Dict[Tuple[str, ...], str] = {}
+    for key in store.keys(table_path):
+        *folders, name = key.split("/")
+        if not name or not _is_visible(name) or len(folders) != len(columns) or not all(map(_is_visible, folders)):
+            continue  # a folder marker, _SUCCESS, or a file that is not a partition's data
+        names_values = [folder.partition("=") for folder in folders]
+        if [name for name, _, _ in names_values] != list(columns):
+            continue
+        values = tuple(urllib.parse.unquote(value) for _, _, value in names_values)
+        partitions[values] = "/".join(folders)
+    return partitions
+
+
+def _glue_client(aws: AwsSettings):
+    """The endpoint is found the standard way (AWS_ENDPOINT_URL_GLUE, AWS_ENDPOINT_URL), keys as for S3."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("glue", region_name=aws.region, aws_access_key_id=aws.access_key,
+                        aws_secret_access_key=aws.secret_key, aws_session_token=aws.session_token,
+                        config=Config(connect_timeout=5, read_timeout=30,
+                                      retries={"max_attempts": GLUE_ATTEMPTS, "mode": "standard"}))
+
+
+def glue_table_input(name: str, location: str, partition_by: Sequence[str]) -> dict:
+    def columns(names: Sequence[str]) -> List[Dict[str, str]]:
+        return [{"Name": column, "Type": CATALOG_TYPES[column]} for column in names]
+
+    return {
+        "Name": name,
+        "TableType": "EXTERNAL_TABLE",
+        "Parameters": {"EXTERNAL": "TRUE", "classification": "parquet", "parquet.compression": "SNAPPY"},
+        "PartitionKeys": columns(partition_by),
+        "StorageDescriptor": {"Columns": columns([c for c in TABLE_COLUMNS[name] if c not in partition_by]),
+                              "Location": location + "/", **PARQUET_STORAGE},
+    }
+
+
+def _glue_checked(response: dict, what: str) -> None:
+    """Glue's batch calls answer 200 and list the entries they could not do."""
+    errors = response.get("Errors") or []
+    if errors:
+        detail = errors[0].get("ErrorDetail", {})
+        raise EtlError(f"Glue could not {what} ({len(errors)} failed; first: {detail.get('ErrorCode')}: "
+                       f"{detail.get('ErrorMessage')})")
+
+
+def _put_glue_table(glue, database: str, table_input: dict) -> None:
+    """Creates the table or updates it in place; a table whose partition keys changed is made anew."""
+    try:
+        current = glue.get_table(DatabaseName=database, Name=table_input["Name"])["Table"]
+    except glue.exceptions.EntityNotFoundException:
+        glue.create_table(DatabaseName=database, TableInput=table_input)
+        return
+    if current.get("PartitionKeys", []) != table_input["PartitionKeys"]:
+        glue.delete_table(DatabaseName=database, Name=table_input["Name"])  # its partitions go with it
+        glue.create_table(DatabaseName=database, TableInput=table_input)
+        return
+    glue.update_table(DatabaseName=database, TableInput=table_input)
+
+
+def _sync_glue_partitions(glue, database: str, table: str, location: str,
+                          wanted: Mapping[Tuple[str, ...], str]) -> Dict[str, int]:
+    """Makes the table's partitions in Glue exactly the published folders: adds, moves and removes."""
+    pages = glue.get_paginator("get_partitions").paginate(DatabaseName=database, TableName=table)
+    existing = {tuple(p["Values"]): p["StorageDescriptor"].get("Location") for page in pages
+                for p in page["Partitions"]}
+    locations = {values: f"{location}/{folder}/" for values, folder in wanted.items()}
+    stale = [values for values in existing if existing[values] != locations.get(values)]
+    new = [values for values in locations if existing.get(values) != locations[values]]
+    for start in range(0, len(stale), GLUE_DELETE_BATCH):
+        batch = [{"Values": list(values)} for values in stale[start:start + GLUE_DELETE_BATCH]]
+        _glue_checked(glue.batch_delete_partition(DatabaseName=database, TableName=table,
+                                                  PartitionsToDelete=batch), f"remove partitions of {table}")
+    for start in range(0, len(new), GLUE_CREATE_BATCH):
+        batch = [{"Values": list(values), "StorageDescriptor": {"Location": locations[values], **PARQUET_STORAGE}}
+                 for values in new[start:start + GLUE_CREATE_BATCH]]
+        _glue_checked(glue.batch_create_partition(DatabaseName=database, TableName=table,
+                                                  PartitionInputList=batch), f"add partitions of {table}")
+    return {"partitions": len(locations), "added": len(new), "removed": len(set(stale) - set(locations))}
+
+
+def register_catalog(settings: Settings, store) -> Dict[str, Dict[str, int]]:
+    """Registers the five published tables and all their partitions in Glue, so Athena can query them with
+    no crawler and no MSCK REPAIR. Idempotent: a rerun updates in place and drops vanished partitions."""
+    glue, database = _glue_client(settings.aws), settings.catalog_database
+    try:
+        glue.get_database(Name=database)
+    except glue.exceptions.EntityNotFoundException:
+        glue.create_database(DatabaseInput={"Name": database, "Description": "Sparkify star schema (etl.py)"})
+    registered = {}
+    for name in TABLES:
+        path, columns = join(settings.output_root, name), settings.partition_by[name]
+        location = s3_uri(path)
+        _put_glue_table(glue, database, glue_table_input(name, location, columns))
+        wanted = published_partitions(store, path, columns) if columns else {}
+        registered[name] = _sync_glue_partitions(glue, database, name, location, wanted)
+    return registered
+
+
+def catalog_step(settings: Settings, store, report: RunReport) -> int:
+    """After a successful publish: register, and say in the report how it went. The tables stay published."""
+    database = settings.catalog_database
+    if not database:
+        report.catalog = {"status": "off"}
+        return 0
+    with phase(report, "catalog") as counts:
+        try:
+            tables = register_catalog(settings, store)
+        except Exception as exc:  # botocore's errors, or ours: one line, the tables stay as published
+            detail = str(exc) if isinstance(exc, EtlError) else _one_line(exc)
+            report.catalog = {"status": "failed", "database": database, "error": detail}
+            return 1
+        report.catalog = {"status": "registered", "database": database, "tables": tables}
+        counts["partitions"] = sum(entry["partitions"] for entry in tables.values())
+    return 0
+
+
 # --------------------------------------------------------------------------- the run
 
 @dataclass
@@ -1027,6 +1204,7 @@ class RunReport:
     checks: List[Check] = field(default_factory=list)
     phases: Dict[str, float] = field(default_factory=dict)
     published: List[str] = field(default_factory=list)
+    catalog: Dict[str, object] = field(default_factory=dict)  # the Glue Data Catalog step, once it has run
 
     def document(self) -> dict:
         return {
@@ -1043,6 +1221,7 @@ class RunReport:
             "rejected": {**self.rejected, "path": self.settings.rejected_root},
             # Only what this run made visible: a run that stopped early claims nothing.
             "published": self.published,
+            "catalog": self.catalog,
             "tables": self.tables,
             "checks": [vars(check) for check in self.checks],
             "phases_s": self.phases,
@@ -1281,6 +1460,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines say where it found endpoints
     try:
         settings = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv), os.environ)
         preflight_local(settings)
@@ -1331,7 +1511,13 @@ def locked_run(settings: Settings, plan: SparkPlan, store, report: RunReport) ->
         code = 1
     finally:
         spark.stop()
-    return end_report(store, settings, report, code)
+    if code == 0:
+        code = catalog_step(settings, store, report)
+    code = end_report(store, settings, report, code)
+    if report.catalog.get("status") == "failed":  # last, so it is the line a user sees
+        print(f"error: the tables are published, but registering them in the Glue Data Catalog (database "
+              f"{settings.catalog_database}) failed: {report.catalog['error']}", file=sys.stderr)
+    return code
 
 
 def staging_roots(settings: Settings) -> List[str]:

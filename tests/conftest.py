@@ -106,3 +106,74 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{server._port}"
     server.stop()
+
+
+# A standalone cluster: one worker sized like a small EMR core node's share of this 2-core machine.
+WORKER_CORES = 2
+WORKER_MEMORY = "1536m"
+DAEMON_MEMORY = "256m"  # the master and worker JVMs themselves
+CLUSTER_START_TIMEOUT_S = 120
+
+
+def _cluster_ready(web_ui):
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{web_ui}/json/", timeout=2) as response:
+            state = json.load(response)
+    except OSError:
+        return False
+    return any(worker["state"] == "ALIVE" for worker in state.get("workers", []))
+
+
+@pytest.fixture(scope="module")
+def spark_cluster(tmp_path_factory):
+    """A Spark standalone master and one worker from the installed pyspark, on loopback with free ports.
+
+    The daemons (and so the executors they start) get an environment with no AWS_* variable: credentials
+    must reach the executors some other way. Each daemon leads its own process group, killed afterwards.
+    """
+    import signal
+    import subprocess
+
+    import pyspark
+
+    spark_class = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-class")
+    base = tmp_path_factory.mktemp("cluster")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(SPARK_LOCAL_IP="127.0.0.1", SPARK_DAEMON_MEMORY=DAEMON_MEMORY, PYSPARK_PYTHON=sys.executable)
+    port, ui_port, worker_ui_port = free_port(), free_port(), free_port()
+    url, web_ui = f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
+    commands = {
+        "master": ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+                   "--webui-port", str(ui_port)],
+        "worker": ["org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1", "--cores", str(WORKER_CORES),
+                   "--memory", WORKER_MEMORY, "--webui-port", str(worker_ui_port), "--work-dir", str(base / "work")],
+    }
+    processes, logs = {}, {name: base / f"{name}.log" for name in commands}
+    try:
+        for name, args in commands.items():
+            with open(logs[name], "wb") as log:
+                processes[name] = subprocess.Popen([spark_class, *args], stdout=log, stderr=subprocess.STDOUT,
+                                                   env=env, start_new_session=True)
+        deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
+        while not _cluster_ready(web_ui):
+            dead = [name for name, process in processes.items() if process.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                pytest.fail(f"Spark cluster did not start ({dead or 'timeout'}): "
+                            + "".join(log.read_text()[-2000:] for log in logs.values()))
+            time.sleep(0.5)
+        yield {"url": url, "web_ui": web_ui, "work_dir": base / "work", "logs": list(logs.values()),
+               "worker_pid": processes["worker"].pid}
+    finally:
+        for process in processes.values():
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                    process.wait(timeout=15)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue

@@ -25,7 +25,7 @@ def report_of(output):
 
 def test_report_of_a_good_run(sample_output):
     report = report_of(sample_output)
-    assert report["status"] == "succeeded"
+    assert report["status"] == "succeeded" and report["catalog"] == {"status": "off"}
     assert report["input"] == {"song_files": 71, "song_records": 71, "log_files": 30, "log_events": 8056}
     assert report["rejected"] == {"song_data": 0, "log_data": 0, "path": str(sample_output / etl.REJECTED_DIR)}
     assert report["tables"] == {"songs": {"rows": 71}, "artists": {"rows": 69}, "users": {"rows": 97},
@@ -94,7 +94,7 @@ def test_poisoned_delivery_fails_the_gate_and_keeps_yesterdays_tables(run_etl, s
     assert result.returncode == 1
     assert _fingerprint(out) == before
     report = report_of(out)
-    assert report["status"] == "failed"
+    assert report["status"] == "failed" and report["catalog"] == {}  # nothing published, nothing registered
     assert report["rejected"]["log_data"] == 8056
     failed = {check["name"] for check in report["checks"] if not check["passed"]}
     assert {"users is not empty", "songplays is not empty", "time is not empty"} <= failed
