@@ -40,8 +40,8 @@ import json, os, subprocess, sys, threading, time
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 def tree(root):
-    """{pid: (resident kB, CPU seconds so far)} of root and its descendants: the JVM is a grandchild
-    (python -> spark-submit -> java), so the whole tree counts."""
+    # {pid: (resident kB, CPU seconds so far)} of root and its descendants: the JVM is a grandchild
+    # (python -> spark-submit -> java), so the whole tree counts.
     parents, figures = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
