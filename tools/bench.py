@@ -193,6 +193,24 @@ def ratios_for(tier, by_name):
     return found
 
 
+CASE_LABELS = {"ours": "ours (etl.py), contract layout", "ours-songs-by-year": "ours, `SONGS_PARTITION_BY = year`",
+               "duckdb": "DuckDB (`tools/duckdb_etl.py`, 2 threads)", "naive-baseline": "naive baseline (`tools/baseline_etl.py`)",
+               "floor": "floor: `cat` every input file, `cp` every output file"}
+
+
+def markdown(results):
+    """The README's speed table, from one invocation's results."""
+    by_name = {run["name"]: run for run in results["runs"]}
+    lines = ["| tier | run | wall | CPU | peak RSS | ours / this (wall) |", "|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        tier, case = run["name"].split("-", 1)
+        ours = by_name[f"{tier}-ours"]["wall_s"]
+        cpu = f"{run['cpu_s']} s" if case != "floor" else "-"
+        lines.append(f"| {tier[-1]} | {CASE_LABELS[case]} | {run['wall_s']} s | {cpu} | "
+                     f"{run['peak_rss_mb'] / 1024:.1f} GB | {ours / run['wall_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"),
@@ -221,6 +239,7 @@ def main():
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(ratios, indent=1))
+    print(markdown(results))
     print(f"results written to {args.results}")
 
 
