@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import pyspark
 import pyspark.sql.functions as F
 import pyspark.sql.types as T
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 
 JOB_VERSION = "1.0.0"
 APP_NAME = "sparkify-etl"
@@ -646,7 +646,7 @@ def next_song_plays(events: DataFrame) -> DataFrame:
 
 
 def match_songs(plays: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
-    """songplay_id -> (song_id, artist_id) for plays whose title, artist name and duration fit a song."""
+    """Each play with the song_id and artist_id of the song its title, artist name and duration fit, or nulls."""
     catalogue = songs.join(artists, on="artist_id", how="inner").select(
         F.col("song_id"), F.col("artist_id"), F.col("title"), F.col("name").alias("artist_name"), F.col("duration"),
     )
@@ -657,18 +657,22 @@ def match_songs(plays: DataFrame, songs: DataFrame, artists: DataFrame) -> DataF
     )
     # Several fitting songs: the smallest song_id wins, so the match is the same on every run.
     best = F.min(F.struct(F.col("c.song_id").alias("song_id"), F.col("c.artist_id").alias("artist_id")))
+    # Plays come grouped and sorted by their event key: grouping by it again after a broadcast join needs no
+    # second shuffle or sort of the plays. A play's own columns are the same on each of its joined rows.
+    play = F.struct(*[F.col(f"p.{name}").alias(name) for name in plays.columns if name not in EVENT_KEY])
     return (
-        plays.alias("p").join(F.broadcast(catalogue.alias("c")), on=fits, how="inner")
-        .groupBy(F.col("p.songplay_id").alias("songplay_id")).agg(best.alias("match"))
-        .select(F.col("songplay_id"), F.col("match.song_id").alias("song_id"), F.col("match.artist_id").alias("artist_id"))
+        plays.alias("p").join(F.broadcast(catalogue.alias("c")), on=fits, how="left")
+        .groupBy(*[F.col(f"p.{name}").alias(name) for name in EVENT_KEY])
+        .agg(F.max(play).alias("play"), best.alias("match"))
+        .select(*EVENT_KEY, "play.*", F.col("match.song_id").alias("song_id"),
+                F.col("match.artist_id").alias("artist_id"))
     )
 
 
 def build_songplays(events: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
-    plays = next_song_plays(events)
     start_time = F.timestamp_millis(F.col("ts"))
     return (
-        plays.join(match_songs(plays, songs, artists), on="songplay_id", how="left")
+        match_songs(next_song_plays(events), songs, artists)
         .select(
             F.col("songplay_id"),
             start_time.alias("start_time"),
@@ -725,15 +729,31 @@ class Check:
 REFERENCES = ((USERS, "user_id"), (SONGS, "song_id"), (ARTISTS, "artist_id"), (TIME, "start_time"))
 
 
-def _key_checks(tables: Mapping[str, DataFrame]) -> List[Check]:
-    # One Spark job for all five tables: each job costs a few hundred ms of scheduling.
-    stats = [
-        tables[name].agg(F.lit(name).alias("table"), F.count(F.lit(1)).alias("rows"),
-                         F.count(F.col(PRIMARY_KEY[name])).alias("keyed"),
-                         F.countDistinct(F.col(PRIMARY_KEY[name])).alias("distinct"))
-        for name in TABLES
-    ]
-    by_table = {row["table"]: row for row in reduce(DataFrame.unionByName, stats).collect()}
+PLAYS = "NextSong events"  # the songplays the events call for, counted beside the tables
+AGGREGATE_NAME = "_aggregate"
+
+
+def collect_aggregates(aggregates: Mapping[str, DataFrame]) -> Dict[str, Row]:
+    """Several one-row aggregates, by name, collected together: one Spark job instead of one each, as a
+    job costs a few hundred ms of scheduling."""
+    named = [frame.select(F.lit(name).alias(AGGREGATE_NAME), "*") for name, frame in aggregates.items()]
+    return {row[AGGREGATE_NAME]: row for row in reduce(DataFrame.unionByName, named).collect()}
+
+
+def _key_stats(tables: Mapping[str, DataFrame], events: DataFrame) -> Dict[str, Row]:
+    """Rows, keyed rows and distinct keys of each table, and the distinct NextSong events of known users
+    that songplays must reconcile with, in one job."""
+    keyed = {name: (tables[name], F.col(PRIMARY_KEY[name])) for name in TABLES}
+    # A struct is never null, and distinct counts a null field as a value: as distinct() on the key would.
+    keyed[PLAYS] = (known_user_events(events).filter(F.col("page") == NEXT_SONG), F.struct(*EVENT_KEY))
+    return collect_aggregates({
+        name: frame.agg(F.count(F.lit(1)).alias("rows"), F.count(key).alias("keyed"),
+                        F.countDistinct(key).alias("distinct"))
+        for name, (frame, key) in keyed.items()
+    })
+
+
+def _key_checks(by_table: Mapping[str, Row]) -> List[Check]:
     checks = []
     for name in TABLES:
         row, key = by_table[name], PRIMARY_KEY[name]
@@ -761,9 +781,9 @@ def _reference_checks(tables: Mapping[str, DataFrame]) -> List[Check]:
 
 def run_checks(tables: Mapping[str, DataFrame], events: DataFrame) -> List[Check]:
     """The quality gate: nothing is published unless every check passes."""
-    checks = _key_checks(tables) + _reference_checks(tables)
-    expected = known_user_events(events).filter(F.col("page") == NEXT_SONG).select(*EVENT_KEY).distinct().count()
-    actual = tables[SONGPLAYS].count()
+    stats = _key_stats(tables, events)
+    checks = _key_checks(stats) + _reference_checks(tables)
+    expected, actual = stats[PLAYS]["distinct"], stats[SONGPLAYS]["rows"]
     checks.append(Check("songplays reconcile with NextSong events", expected == actual,
                         f"{expected} distinct NextSong events of known users, {actual} songplays"))
     return checks
@@ -1244,35 +1264,44 @@ def phase(report: RunReport, name: str) -> Iterator[Dict[str, object]]:
     LOG.info("%-16s %6.1fs  %s", name, seconds, details)
 
 
-def _read_tree(report: RunReport, tree: str, raw: DataFrame,
+def count_rows(frames: Mapping[str, DataFrame]) -> Dict[str, int]:
+    """Rows of each frame, in one job; the first count of a cached frame is what fills its cache."""
+    rows = collect_aggregates({name: frame.agg(F.count(F.lit(1)).alias("rows")) for name, frame in frames.items()})
+    return {name: row["rows"] for name, row in rows.items()}
+
+
+def _read_tree(report: RunReport, tree: str, read: Callable[[], DataFrame],
                split: Callable[[DataFrame], Tuple[DataFrame, DataFrame]]) -> Tuple[DataFrame, DataFrame]:
     """Counts one input tree's files, records and rejects into the report; returns (clean, rejects)."""
     with phase(report, f"read {tree}") as counts:
+        raw = read()  # lists the tree's files: part of reading it
         files_key, records_key = REPORT_INPUT_KEYS[tree]
         report.input[files_key] = counts["files"] = len(raw.inputFiles())  # a cached plan lists none
         raw = raw.cache()
         clean, rejects = split(raw)
-        report.input[records_key] = counts["records"] = raw.count()
-        report.rejected[tree] = counts["rejected"] = rejects.count()
+        rows = count_rows({"records": raw, "rejected": rejects})
+        report.input[records_key] = counts["records"] = rows["records"]
+        report.rejected[tree] = counts["rejected"] = rows["rejected"]
     return clean, rejects
 
 
 def extract(spark: SparkSession, settings: Settings, report: RunReport) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
-    songs, song_rejects = _read_tree(report, SONG_DATA, read_song_data(spark, settings.input_root), split_songs)
+    songs, song_rejects = _read_tree(report, SONG_DATA, lambda: read_song_data(spark, settings.input_root), split_songs)
     pause_point("read")
-    events, event_rejects = _read_tree(report, LOG_DATA, read_log_data(spark, settings.input_root), split_events)
+    events, event_rejects = _read_tree(report, LOG_DATA, lambda: read_log_data(spark, settings.input_root),
+                                       split_events)
     return songs, song_rejects, events, event_rejects
 
 
 def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Dict[str, DataFrame]:
-    def cache_and_count(name: str, table: DataFrame) -> DataFrame:
-        with phase(report, f"build {name}") as counts:
-            table = table.cache()
-            report.tables[name] = {"rows": table.count()}
-            counts["rows"] = report.tables[name]["rows"]
-        return table
-
-    return build_tables(songs, events, on_built=cache_and_count)
+    """The five tables, cached (the gate and the writes read them again) and counted, in one job."""
+    with phase(report, "build tables") as counts:
+        tables = build_tables(songs, events, on_built=lambda name, table: table.cache())
+        rows = count_rows(tables)
+        for name in TABLES:
+            report.tables[name] = {"rows": rows[name]}
+            counts[name] = rows[name]
+    return tables
 
 
 def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
@@ -1425,7 +1454,22 @@ def create_spark_session(plan: Optional[SparkPlan] = None) -> SparkSession:
     for key, value in tuning(spark.sparkContext.defaultParallelism).items():
         if key not in chosen_by_user:
             spark.conf.set(key, value)
+    no_local_checksum_files(spark)
     return spark
+
+
+def no_local_checksum_files(spark: SparkSession) -> None:
+    """Local disk without Hadoop's .crc side files.
+
+    Hadoop's local file system writes a .crc file beside every file (twice the files, the folders' renames
+    twice over) and looks for one before reading each input file. Parquet checks its pages itself. No
+    setting turns this off: it is a switch on the file system object, which Hadoop caches per JVM, and in
+    local mode Spark's tasks run in this JVM and get this same object.
+    """
+    jvm = spark.sparkContext._jvm
+    local = jvm.org.apache.hadoop.fs.FileSystem.getLocal(spark.sparkContext._jsc.hadoopConfiguration())
+    local.setWriteChecksum(False)
+    local.setVerifyChecksum(False)
 
 
 def _require_classes(spark: SparkSession, classes: Mapping[str, str]) -> None:

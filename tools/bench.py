@@ -2,15 +2,20 @@
 """The benchmark behind README's "Speed": `make bench` (or `python tools/bench.py --help`).
 
 Generates tier 1 and tier 2 input (once, deterministic for a seed), then runs, side by side in one
-invocation: our job on tier 1 in the contract layout and with songs partitioned by year only, the naive
-baseline (tools/baseline_etl.py) on the same tier-1 data, and our job on tier 2. Each run gets its own
-process; wall time includes JVM start-up. Results go to a JSON file the README quotes.
+invocation, on each tier: our job, DuckDB building the same tables (tools/duckdb_etl.py, the reference a
+user would pick instead, 2 threads), and the physical floor (cat every input file, cp every output file
+of our tables); on tier 1 also our job with songs partitioned by year only and the naive baseline
+(tools/baseline_etl.py). With --rounds N the cases of a tier take turns N times, in rotating order, and
+each figure is the median. Each run gets its own process; wall time includes JVM start-up. DuckDB's tables
+must equal ours row for row (tools/compare_tables.py), or the bench fails. Ratios come from this one
+invocation; results go to a JSON file the README quotes.
 """
 import argparse
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -18,51 +23,71 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import compare_tables  # noqa: E402
+
 SEED = 42
+DUCKDB_THREADS = 2  # this machine's cores, as our job's local[*] uses them
+# The floor: read every input byte and write every output byte, one file at a time, with no work between.
+FLOOR = 'find "$1" -name "*.json" -print0 | xargs -0 cat > /dev/null && mkdir -p "$3" && cp -r "$2"/. "$3"'
+TABLE_NAMES = tuple(compare_tables.TABLE_COLUMNS)
 SONGS_BY_YEAR = "[LAYOUT]\nSONGS_PARTITION_BY = year\n"
 
 
 PROBE = r"""
 import json, os, subprocess, sys, threading, time
 
-def tree_rss_kb(root):
-    # The JVM is a grandchild (python -> spark-submit -> java): sum the resident set of the whole tree.
-    parents, rss = {}, {}
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+def tree(root):
+    # {pid: (resident kB, CPU seconds so far)} of root and its descendants: the JVM is a grandchild
+    # (python -> spark-submit -> java), so the whole tree counts.
+    parents, figures = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as status:
                 fields = dict(line.split(":", 1) for line in status if ":" in line)
+            with open(f"/proc/{pid}/stat") as stat:
+                ticks = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         parents[int(pid)] = int(fields["PPid"])
-        rss[int(pid)] = int(fields.get("VmRSS", "0 kB").split()[0])
+        # utime and stime: fields 14 and 15 of stat, 12 and 13 after the command name.
+        figures[int(pid)] = (int(fields.get("VmRSS", "0 kB").split()[0]), (int(ticks[11]) + int(ticks[12])) * TICK_S)
     def under(pid):
         while pid > 1:
             if pid == root:
                 return True
             pid = parents.get(pid, 0)
         return False
-    return sum(kb for pid, kb in rss.items() if under(pid))
+    return {pid: values for pid, values in figures.items() if under(pid)}
 
 start = time.perf_counter()
 child = subprocess.Popen(sys.argv[1:])
-peak = 0
+peak, cpu = 0, {}
 while child.poll() is None:
-    peak = max(peak, tree_rss_kb(child.pid))
+    now = tree(child.pid)
+    peak = max(peak, sum(rss for rss, _ in now.values()))
+    cpu.update({pid: seconds for pid, (_, seconds) in now.items()})
     time.sleep(0.25)
-print(json.dumps({"code": child.returncode, "wall_s": time.perf_counter() - start, "peak_rss_mb": peak / 1024}))
+# CPU time is sampled: what a process spent in its last quarter second is missed. Contention from other
+# work on the machine stretches wall time much more than CPU time.
+print(json.dumps({"code": child.returncode, "wall_s": time.perf_counter() - start, "peak_rss_mb": peak / 1024,
+                  "cpu_s": sum(cpu.values())}))
 """
 
 
 def measure(command, log_path):
-    """Runs command in a child that reports wall seconds and the peak resident memory of its process tree."""
+    """Runs command in a child that reports wall seconds, CPU seconds and the peak resident memory of its
+    process tree."""
     with open(log_path, "w") as log:
         done = subprocess.run([sys.executable, "-c", PROBE, *map(str, command)], stdout=subprocess.PIPE,
                               stderr=log, text=True, check=False)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["code"] != 0:
-        sys.exit(f"bench: {command[1]} failed with status {result['code']}; see {log_path}")
-    return {"wall_s": round(result["wall_s"], 1), "peak_rss_mb": round(result["peak_rss_mb"])}
+        sys.exit(f"bench: {command[:3]} failed with status {result['code']}; see {log_path}")
+    return {"wall_s": round(result["wall_s"], 1), "cpu_s": round(result["cpu_s"], 1),
+            "peak_rss_mb": round(result["peak_rss_mb"])}
 
 
 def generate(work, tier):
@@ -89,6 +114,29 @@ def run_ours(name, data, work, config_text=""):
             "records_per_s": round(records / figures["wall_s"])}
 
 
+def run_duckdb(name, data, work):
+    out = work / "out" / name
+    shutil.rmtree(out, ignore_errors=True)
+    figures = measure([sys.executable, ROOT / "tools" / "duckdb_etl.py", data, out, "--threads", DUCKDB_THREADS],
+                      work / f"{name}.log")
+    return {"name": name, **figures}
+
+
+def run_floor(name, data, tables_from, work):
+    """cat and cp at the sizes and file counts of the real run: what no ETL on this disk can beat."""
+    out = work / "out" / name
+    shutil.rmtree(out, ignore_errors=True)
+    tables = work / "out" / f"{name}-tables"
+    shutil.rmtree(tables, ignore_errors=True)
+    tables.mkdir(parents=True)
+    for table in TABLE_NAMES:  # the tables only: not our reports and rejects
+        shutil.copytree(tables_from / table, tables / table)
+    figures = measure(["sh", "-c", FLOOR, "floor", data, tables, out], work / f"{name}.log")
+    files = sum(len(names) for _, _, names in os.walk(tables))
+    shutil.rmtree(tables)
+    return {"name": name, **figures, "output_files": files}
+
+
 def run_baseline(data, work):
     out = work / "out" / "baseline"
     shutil.rmtree(out, ignore_errors=True)
@@ -104,42 +152,96 @@ def machine():
             "platform": platform.platform()}
 
 
+def median_run(runs):
+    """One run's record with the median wall time and the largest peak memory of its rounds."""
+    middle = sorted(runs, key=lambda run: run["wall_s"])[(len(runs) - 1) // 2]
+    return {**middle, "rounds_wall_s": [run["wall_s"] for run in runs],
+            "cpu_s": round(statistics.median(run["cpu_s"] for run in runs), 1),
+            "wall_s": round(statistics.median(run["wall_s"] for run in runs), 1),
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
+
+
+def run_tier(tier, data, work, rounds, extra=()):
+    """Our job, DuckDB, the floor and any extra cases on one tier, taking turns; then DuckDB's tables are
+    compared with ours. Returns {case: median run}."""
+    ours, duck, floor = f"tier{tier}-ours", f"tier{tier}-duckdb", f"tier{tier}-floor"
+    cases = {ours: lambda: run_ours(ours, data, work), duck: lambda: run_duckdb(duck, data, work),
+             floor: lambda: run_floor(floor, data, work / "out" / ours, work), **dict(extra)}
+    names = list(cases)
+    done = {name: [] for name in names}
+    for turn in range(rounds):
+        # The first turn starts with ours: the floor copies our tables.
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            done[name].append(cases[name]())
+            print(json.dumps(done[name][-1]), flush=True)
+    differs = compare_tables.differences(work / "out" / ours, work / "out" / duck)
+    if differs:
+        sys.exit(f"bench: DuckDB's tables differ from ours on tier {tier}: {differs}")
+    return {name: median_run(runs) for name, runs in done.items()}
+
+
+def ratios_for(tier, by_name):
+    ours, duck, floor = (by_name[f"tier{tier}-{case}"]["wall_s"] for case in ("ours", "duckdb", "floor"))
+    cpu = {case: by_name[f"tier{tier}-{case}"]["cpu_s"] for case in ("ours", "duckdb")}
+    found = {f"tier{tier} ours / duckdb": round(ours / duck, 2),
+             f"tier{tier} ours / duckdb, CPU seconds": round(cpu["ours"] / cpu["duckdb"], 2),
+             f"tier{tier} ours / floor": round(ours / floor, 1),
+             f"tier{tier} duckdb / floor": round(duck / floor, 1)}
+    if f"tier{tier}-naive-baseline" in by_name:
+        found[f"tier{tier} baseline / ours"] = round(by_name[f"tier{tier}-naive-baseline"]["wall_s"] / ours, 1)
+        found[f"tier{tier} baseline / duckdb"] = round(by_name[f"tier{tier}-naive-baseline"]["wall_s"] / duck, 1)
+    return found
+
+
+CASE_LABELS = {"ours": "ours (etl.py), contract layout", "ours-songs-by-year": "ours, `SONGS_PARTITION_BY = year`",
+               "duckdb": "DuckDB (`tools/duckdb_etl.py`, 2 threads)", "naive-baseline": "naive baseline (`tools/baseline_etl.py`)",
+               "floor": "floor: `cat` every input file, `cp` every output file"}
+
+
+def markdown(results):
+    """The README's speed table, from one invocation's results."""
+    by_name = {run["name"]: run for run in results["runs"]}
+    lines = ["| tier | run | wall | CPU | peak RSS | ours / this (wall) |", "|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        tier, case = run["name"].split("-", 1)
+        ours = by_name[f"{tier}-ours"]["wall_s"]
+        cpu = f"{run['cpu_s']} s" if case != "floor" else "-"
+        lines.append(f"| {tier[-1]} | {CASE_LABELS[case]} | {run['wall_s']} s | {cpu} | "
+                     f"{run['peak_rss_mb'] / 1024:.1f} GB | {ours / run['wall_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/sparkify-bench", help="generated data and outputs (default %(default)s)")
+    parser.add_argument("--work", default=str(ROOT / "bench" / "work"),
+                        help="generated data and outputs, git-ignored (default %(default)s)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--rounds", type=int, default=1, help="turns per case; figures are medians (default 1)")
     parser.add_argument("--skip-baseline", action="store_true", help="the baseline takes minutes")
-    parser.add_argument("--skip-tier2", action="store_true")
+    parser.add_argument("--tiers", default="1,2", help="which tiers, e.g. 2 (default %(default)s)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    tier1 = generate(work, 1)
-    runs = [run_ours("tier1-contract-layout", tier1, work), run_ours("tier1-songs-by-year", tier1, work, SONGS_BY_YEAR)]
-    print(json.dumps(runs[-2:], indent=1), flush=True)
-    if not args.skip_baseline:
-        runs.append(run_baseline(tier1, work))
-        print(json.dumps(runs[-1]), flush=True)
-    if not args.skip_tier2:
-        runs.append(run_ours("tier2-contract-layout", generate(work, 2), work))
-        print(json.dumps(runs[-1], indent=1), flush=True)
-
-    by_name = {run["name"]: run for run in runs}
-    ours = by_name["tier1-contract-layout"]
-    ratios = {}
-    if "tier1-naive-baseline" in by_name:
-        ratios["tier1 baseline / ours (contract layout)"] = round(by_name["tier1-naive-baseline"]["wall_s"] / ours["wall_s"], 1)
-        ratios["tier1 baseline / ours (songs by year)"] = round(
-            by_name["tier1-naive-baseline"]["wall_s"] / by_name["tier1-songs-by-year"]["wall_s"], 1)
-    if "tier2-contract-layout" in by_name:
-        big = by_name["tier2-contract-layout"]
-        ratios["tier2 / tier1 wall time"] = round(big["wall_s"] / ours["wall_s"], 1)
-        ratios["tier2 / tier1 events"] = round(big["input"]["log_events"] / ours["input"]["log_events"], 1)
+    tiers = {int(tier) for tier in args.tiers.split(",")}
+    by_name, ratios = {}, {}
+    if 1 in tiers:
+        tier1 = generate(work, 1)
+        extra = [("tier1-ours-songs-by-year", lambda: run_ours("tier1-ours-songs-by-year", tier1, work, SONGS_BY_YEAR))]
+        if not args.skip_baseline:
+            extra.append(("tier1-naive-baseline", lambda: run_baseline(tier1, work)))
+        by_name.update(run_tier(1, tier1, work, args.rounds, extra))
+        ratios.update(ratios_for(1, by_name))
+    if 2 in tiers:
+        by_name.update(run_tier(2, generate(work, 2), work, args.rounds))
+        ratios.update(ratios_for(2, by_name))
     results = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": SEED,
-               "machine": machine(), "runs": runs, "ratios": ratios}
+               "rounds": args.rounds, "machine": machine(), "runs": list(by_name.values()),
+               "tables_equal_duckdb": True, "ratios": ratios}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(ratios, indent=1))
+    print(markdown(results))
     print(f"results written to {args.results}")
 
 
