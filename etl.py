@@ -182,6 +182,11 @@ S3A_COMMITTER_BINDING = {
 # a fresh _staging/<run id>/ prefix, so "append" (no conflict check, no delete) is safe.
 S3A_COMMIT_THREADS = 64
 STAGING_COMMITTER = {
+    # Hadoop 3.3.4 commits one task's uploads one after another, tasks in parallel: a table written by
+    # one task (what adaptive execution makes of a small shuffle) completes its ~12,000 uploads one at a
+    # time. Many write tasks, kept apart, give the job commit S3A_COMMIT_THREADS requests in flight.
+    "spark.sql.shuffle.partitions": str(S3A_COMMIT_THREADS),
+    "spark.sql.adaptive.coalescePartitions.enabled": "false",
     **S3A_COMMITTER_BINDING,
     "spark.hadoop.fs.s3a.committer.name": "directory",
     "spark.hadoop.fs.s3a.committer.staging.conflict-mode": "append",
