@@ -1089,7 +1089,8 @@ def publish(store, units: Sequence[Unit], run_id: str, journal_path: str) -> Non
     journal = {"run_id": run_id, "units": [vars(unit) for unit in units]}
     if isinstance(store, S3Store):
         for entry, unit in zip(journal["units"], units):
-            entry["new"] = store.keys(unit.staged(run_id))
+            # Directory markers (keys ending in "/", kept by S3A: fs.s3a.directory.marker.retention) are not data.
+            entry["new"] = [key for key in store.keys(unit.staged(run_id)) if key and not key.endswith("/")]
             entry["old"] = sorted(set(store.keys(unit.final())) - set(entry["new"]))
     store.write_json(journal_path, journal)
     pause_point("publish")
