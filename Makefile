@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 JARS    = $(shell sed 's|^|.jars/|' .jars/maven-jars.txt | paste -sd, -)
 
-.PHONY: setup run submit emr test bench clean
+.PHONY: setup run submit emr test bench bench-s3 clean
 
 setup: $(STAMP)
 
@@ -42,3 +42,8 @@ clean:
 # Not part of `make test`: minutes of generated data and runs. Writes bench/results.json.
 bench: setup
 	$(PY) tools/bench.py
+
+# Not part of `make test`: S3 to S3 through tools/s3_proxy.py at 20 ms per request, against the endpoint's
+# own floor and the naive baseline (capped). Writes bench/results-s3.json.
+bench-s3: setup
+	$(PY) tools/bench_s3.py

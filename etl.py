@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -57,8 +58,20 @@ LEASE_RENEW_S = 60
 PAUSE_ENV = "SPARKIFY_PAUSE_AT"
 # Publishing on S3: requests in flight, retries per request, keys per DeleteObjects (S3's maximum).
 S3_REQUESTS_IN_FLIGHT = 64
-S3_ATTEMPTS = 10
+# Five attempts with the SDK's standard backoff (at most 2+4+8+16 s) survive resets and 503 SlowDown,
+# and let a run whose endpoint is gone fail within a few minutes (README, "Faults").
+S3_ATTEMPTS = 5
 S3_DELETE_BATCH = 1000
+# Reading S3 off EMR (issue 9): the driver lists each tree flat (one LIST per 1,000 keys, sizes
+# included) and Spark tasks GET the files, each task keeping many requests in flight, since every
+# request is a round trip. A user's --conf wins over these defaults.
+S3_READ_IN_FLIGHT_CONF = "spark.sparkify.s3.readRequestsPerTask"
+S3_READ_IN_FLIGHT = 32
+S3_FILES_PER_TASK_CONF = "spark.sparkify.s3.filesPerTask"
+S3_FILES_PER_TASK = 2000
+FETCH_BATCH_BYTES = 32 * 1024 * 1024  # fetched content held at once per task: bounded memory
+FETCH_BATCH_FILES = 1000
+URI_PATH_SAFE = "/!$&'()*+,;=:@~-._"  # what java.net.URI leaves as it is in a path
 # The run report's names for each tree's file and record counts.
 REPORT_INPUT_KEYS = {SONG_DATA: ("song_files", "song_records"), LOG_DATA: ("log_files", "log_events")}
 REJECTED_DIR = "_rejected"
@@ -153,18 +166,39 @@ JARS_DIR = os.path.join(HERE, ".jars")
 JARS_MANIFEST = os.path.join(JARS_DIR, "maven-jars.txt")
 NIO_JAR = os.path.join(JARS_DIR, "sparkify-hadoop.jar")
 NIO_FILE_SYSTEM = "sparkify.NioLocalFileSystem"
+LOG4J_CONF = os.path.join(HERE, "conf", "log4j2.properties")
 S3A_FILE_SYSTEM = "org.apache.hadoop.fs.s3a.S3AFileSystem"
 CLOUD_COMMIT_PROTOCOL = "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol"
-# S3A's magic committer, bound to Spark as Spark's cloud-integration guide says: each file is uploaded
-# once, to its final key, and becomes visible at job commit; the classic committer copies every object.
-MAGIC_COMMITTER = {
+# S3A's committers, bound to Spark as Spark's cloud-integration guide says.
+S3A_COMMITTER_BINDING = {
     "spark.sql.sources.commitProtocolClass": CLOUD_COMMIT_PROTOCOL,
     "spark.sql.parquet.output.committer.class": "org.apache.spark.internal.io.cloud.BindingParquetOutputCommitter",
-    "spark.hadoop.fs.s3a.committer.name": "magic",
-    "spark.hadoop.fs.s3a.committer.magic.enabled": "true",
     # s3:// and s3n:// are S3A too off EMR (s3a_options), so they get its committer as well.
     **{f"spark.hadoop.mapreduce.outputcommitter.factory.scheme.{scheme.split(':')[0]}":
        "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory" for scheme in S3_SCHEMES},
+}
+# The directory staging committer (issue 9): tasks write to local disk and upload at task commit, many
+# files at once; the job commit completes the uploads, many at once. Each file is uploaded once, to its
+# final key, as a multipart upload that becomes visible at job commit: about 3 requests per file against
+# the magic committer's ~10 (its .pending files, listings and probes of __magic paths). The run writes into
+# a fresh _staging/<run id>/ prefix, so "append" (no conflict check, no delete) is safe.
+S3A_COMMIT_THREADS = 64
+STAGING_COMMITTER = {
+    # Hadoop 3.3.4 commits one task's uploads one after another, tasks in parallel: a table written by
+    # one task (what adaptive execution makes of a small shuffle) completes its ~12,000 uploads one at a
+    # time. Many write tasks, kept apart, give the job commit S3A_COMMIT_THREADS requests in flight.
+    "spark.sql.shuffle.partitions": str(S3A_COMMIT_THREADS),
+    "spark.sql.adaptive.coalescePartitions.enabled": "false",
+    **S3A_COMMITTER_BINDING,
+    "spark.hadoop.fs.s3a.committer.name": "directory",
+    "spark.hadoop.fs.s3a.committer.staging.conflict-mode": "append",
+    "spark.hadoop.fs.s3a.committer.threads": str(S3A_COMMIT_THREADS),
+    # The job's own uploads are aborted by abortJob; listing the bucket's uploads on top costs a request
+    # per write (a lifecycle rule for stale uploads is advised anyway, README).
+    "spark.hadoop.fs.s3a.committer.abort.pending.uploads": "false",
+    # No _SUCCESS file per table: the run report says what succeeded, and each marker costs a PUT, its
+    # existence probes and a COPY at publish.
+    "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
 }
 SESSION_CONF = {
     # Every time function then works in UTC, whatever the machine's zone.
@@ -180,6 +214,17 @@ S3A_PROVIDERS = {
     "chain": "com.amazonaws.auth.DefaultAWSCredentialsProviderChain",
 }
 PREFLIGHT_PROBE = "_preflight-probe"
+# Retries: a reset or a 503 SlowDown is retried with backoff, but an endpoint that is gone fails the run
+# within a few minutes (Hadoop 3.3.4's defaults retry for many minutes: 20 SDK attempts inside 7 S3A ones).
+S3A_RETRIES = {
+    "fs.s3a.attempts.maximum": "5",  # the AWS SDK's own retries of one request
+    "fs.s3a.retry.limit": "3",  # S3A's retries around them
+    "fs.s3a.retry.interval": "500ms",
+    "fs.s3a.retry.throttle.limit": "10",
+    "fs.s3a.retry.throttle.interval": "200ms",
+    "fs.s3a.connection.establish.timeout": "5000",
+    "fs.s3a.connection.timeout": "30000",
+}
 
 CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "REGION", "S3_ENDPOINT"),
@@ -508,15 +553,92 @@ def read_json(spark: SparkSession, path: str, schema: T.StructType, small_files:
             .json(path)
             .withColumn(SOURCE_FILE, F.col("_metadata.file_path"))
         )
+    files = reader.format("binaryFile").load(path).select(F.col("path").alias(SOURCE_FILE), "content")
+    return parse_whole_files(files, schema)
+
+
+def parse_whole_files(files: DataFrame, schema: T.StructType) -> DataFrame:
+    """(source_file, content) rows -> one parsed record per non-blank line, as read_json's readers give."""
     lines = F.explode(F.split(F.decode(F.col("content"), "UTF-8"), "\r?\n"))
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
     return (
-        reader.format("binaryFile").load(path)
-        .select(F.col("path").alias(SOURCE_FILE), lines.alias("line"))
+        files.select(SOURCE_FILE, lines.alias("line"))
         .filter(F.trim(F.col("line")) != "")  # blank lines are not records
         .select(F.from_json(F.col("line"), _with_corrupt_record(schema), options).alias("record"), SOURCE_FILE)
         .select("record.*", SOURCE_FILE)
     )
+
+
+@dataclass(frozen=True)
+class S3Listing:
+    """Reads S3 by listing on the driver and fetching inside the plan (plan_spark decides when)."""
+    aws: AwsSettings
+
+
+def list_s3_json(aws: AwsSettings, path: str) -> List[Tuple[str, int]]:
+    """(path, size) of every visible *.json below path, from one flat listing: one LIST per 1,000 keys,
+    never one per folder. Paths keep path's scheme, as Spark's own readers name them."""
+    scheme = path.split("://", 1)[0]
+    bucket, prefix = split_s3(path)
+    pages = _s3_client(aws, attempts=S3_ATTEMPTS).get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+    found = []
+    for page in pages:
+        for item in page.get("Contents", []):
+            parts = item["Key"][len(prefix) + 1 if prefix else 0:].split("/")
+            if parts[-1].endswith(".json") and all(_is_visible(part) for part in parts):
+                found.append((f"{scheme}://{bucket}/{item['Key']}", item["Size"]))
+    return found
+
+
+def as_uri(path: str) -> str:
+    """A path as Hadoop's URI form spells it (a space is %20), as Spark's _metadata.file_path gives it."""
+    from urllib.parse import quote
+
+    scheme, rest = path.split("://", 1)
+    return f"{scheme}://{quote(rest, safe=URI_PATH_SAFE)}"
+
+
+def fetch_s3_files(aws: AwsSettings, in_flight: int, uri_names: bool) -> Callable:
+    """For mapPartitions: (path, size) pairs in, (source_file, content) rows out, with in_flight GETs at
+    once in each task. Plain Python and boto3 on the workers (no Arrow needed). The credentials travel
+    inside this closure, as they do in Hadoop's configuration, never in a log."""
+    def fetch(files: Iterator[Tuple[str, int]]) -> Iterator[Tuple[str, bytes]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        client = _s3_client(aws, attempts=S3_ATTEMPTS, pool=in_flight)
+
+        def get(path: str) -> Tuple[str, bytes]:
+            bucket, key = split_s3(path)
+            content = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return as_uri(path) if uri_names else path, content
+
+        with ThreadPoolExecutor(in_flight) as pool:
+            paths, held = [], 0
+            for path, size in files:
+                paths.append(path)
+                held += size
+                # Sizes come from the listing (no HEAD); a batch of about FETCH_BATCH_BYTES at a time keeps
+                # memory bounded when the files are day-sized logs.
+                if held >= FETCH_BATCH_BYTES or len(paths) >= FETCH_BATCH_FILES:
+                    yield from pool.map(get, paths)
+                    paths, held = [], 0
+            yield from pool.map(get, paths)
+    return fetch
+
+
+def read_s3_listed(spark: SparkSession, path: str, schema: T.StructType, listing: S3Listing,
+                   uri_names: bool) -> Tuple[DataFrame, int]:
+    """read_json for S3 with latency: the same parsed records and source_file values; returns the file count."""
+    files = list_s3_json(listing.aws, path)
+    conf = spark.sparkContext.getConf()
+    in_flight = int(conf.get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
+    per_task = int(conf.get(S3_FILES_PER_TASK_CONF, str(S3_FILES_PER_TASK)))
+    tasks = max(1, spark.sparkContext.defaultParallelism, -(-len(files) // per_task))
+    fetch = fetch_s3_files(listing.aws, in_flight, uri_names)
+    fetched = spark.createDataFrame(spark.sparkContext.parallelize(files, tasks).mapPartitions(fetch),
+                                    f"{SOURCE_FILE} string, content binary")
+    return parse_whole_files(fetched, schema), len(files)
 
 
 def read_song_data(spark: SparkSession, input_root: str) -> DataFrame:
@@ -525,6 +647,19 @@ def read_song_data(spark: SparkSession, input_root: str) -> DataFrame:
 
 def read_log_data(spark: SparkSession, input_root: str) -> DataFrame:
     return read_json(spark, join(input_root, LOG_DATA), LOG_SCHEMA)
+
+
+def read_input(spark: SparkSession, input_root: str, tree: str,
+               listing: Optional[S3Listing] = None) -> Tuple[DataFrame, int]:
+    """One input tree and its file count: listed and fetched on S3 off EMR, else Spark's own readers."""
+    if listing:
+        # The same source_file strings as Spark's readers: binaryFile (songs) gives the path as it is, the
+        # line reader's _metadata.file_path (logs) its URI form.
+        songs = tree == SONG_DATA
+        return read_s3_listed(spark, join(input_root, tree), SONG_SCHEMA if songs else LOG_SCHEMA, listing,
+                              uri_names=not songs)
+    raw = read_song_data(spark, input_root) if tree == SONG_DATA else read_log_data(spark, input_root)
+    return raw, len(raw.inputFiles())
 
 
 def _reject_reason(required: str, missing_reason: str) -> Column:
@@ -947,7 +1082,8 @@ class S3Store:
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """The keys to copy in and, of the published ones, those to delete afterwards."""
-        new = self.keys(unit.staged(run_id))
+        # Directory markers (keys ending in "/", kept by S3A: fs.s3a.directory.marker.retention) are not data.
+        new = [key for key in self.keys(unit.staged(run_id)) if key and not key.endswith("/")]
         return {"new": new, "old": sorted(set(self.keys(unit.final())) - set(new))}
 
     def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
@@ -974,19 +1110,16 @@ class S3Store:
             raise EtlError(f"another run took the lease of {root} just now; wait for it to finish") from None
 
     def _renew(self, path: str, run_id: str, **conditions: str) -> None:
-        self.write_json(path, {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                               "expires_at": time.time() + LEASE_TTL_S}, **conditions)
-        self._renew_later(path, run_id)
-
-    def _renew_later(self, path: str, run_id: str) -> None:
-        def renew() -> None:
-            try:
-                self._renew(path, run_id)
-            except Exception as exc:  # S3 briefly away: the lease has minutes left, so try again later
+        document = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                    "expires_at": time.time() + LEASE_TTL_S}
+        if conditions:  # taking the lease: a failure is the caller's to report
+            self.write_json(path, document, **conditions)
+        else:
+            try:  # renewing, on a timer thread: a failure must not print a traceback; the run fails anyway
+                self.write_json(path, document)
+            except Exception as exc:
                 LOG.warning("could not renew the lease %s: %s", path, _one_line(exc))
-                self._renew_later(path, run_id)
-
-        self._renewer = threading.Timer(LEASE_RENEW_S, renew)
+        self._renewer = threading.Timer(LEASE_RENEW_S, self._renew, args=(path, run_id))
         self._renewer.daemon = True  # a dead driver stops renewing, so its lease goes stale
         self._renewer.start()
 
@@ -1225,6 +1358,8 @@ class RunReport:
     phases: Dict[str, float] = field(default_factory=dict)
     published: List[str] = field(default_factory=list)
     catalog: Dict[str, object] = field(default_factory=dict)  # the Glue Data Catalog step, once it has run
+    current_phase: Optional[str] = None  # the phase running now: where a failed run stopped
+    error_line: Optional[str] = None  # what main tells the user, last, if the run failed
 
     def document(self) -> dict:
         return {
@@ -1257,7 +1392,9 @@ def phase(report: RunReport, name: str) -> Iterator[Dict[str, object]]:
     """Times a phase; the caller fills in counts to be logged on the same line."""
     counts: Dict[str, object] = {}
     start = time.perf_counter()
+    report.current_phase = name
     yield counts
+    report.current_phase = None
     seconds = time.perf_counter() - start
     report.phases[name] = round(seconds, 3)
     details = ", ".join(f"{value} {key}" for key, value in counts.items())
@@ -1270,13 +1407,13 @@ def count_rows(frames: Mapping[str, DataFrame]) -> Dict[str, int]:
     return {name: row["rows"] for name, row in rows.items()}
 
 
-def _read_tree(report: RunReport, tree: str, read: Callable[[], DataFrame],
+def _read_tree(report: RunReport, tree: str, read: Callable[[], Tuple[DataFrame, int]],
                split: Callable[[DataFrame], Tuple[DataFrame, DataFrame]]) -> Tuple[DataFrame, DataFrame]:
-    """Counts one input tree's files, records and rejects into the report; returns (clean, rejects)."""
+    """Reads one input tree, counting its files, records and rejects into the report; returns (clean, rejects)."""
     with phase(report, f"read {tree}") as counts:
-        raw = read()  # lists the tree's files: part of reading it
         files_key, records_key = REPORT_INPUT_KEYS[tree]
-        report.input[files_key] = counts["files"] = len(raw.inputFiles())  # a cached plan lists none
+        raw, report.input[files_key] = read()  # lists the tree's files: part of reading it
+        counts["files"] = report.input[files_key]
         raw = raw.cache()
         clean, rejects = split(raw)
         rows = count_rows({"records": raw, "rejected": rejects})
@@ -1285,11 +1422,14 @@ def _read_tree(report: RunReport, tree: str, read: Callable[[], DataFrame],
     return clean, rejects
 
 
-def extract(spark: SparkSession, settings: Settings, report: RunReport) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
-    songs, song_rejects = _read_tree(report, SONG_DATA, lambda: read_song_data(spark, settings.input_root), split_songs)
+def extract(spark: SparkSession, settings: Settings, report: RunReport,
+            listing: Optional[S3Listing] = None) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
+    def reader(tree: str) -> Callable[[], Tuple[DataFrame, int]]:
+        return lambda: read_input(spark, settings.input_root, tree, listing)
+
+    songs, song_rejects = _read_tree(report, SONG_DATA, reader(SONG_DATA), split_songs)
     pause_point("read")
-    events, event_rejects = _read_tree(report, LOG_DATA, lambda: read_log_data(spark, settings.input_root),
-                                       split_events)
+    events, event_rejects = _read_tree(report, LOG_DATA, reader(LOG_DATA), split_events)
     return songs, song_rejects, events, event_rejects
 
 
@@ -1323,9 +1463,10 @@ def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], set
             counts["rows"] = report.tables[name]["rows"]
 
 
-def run_job(spark: SparkSession, settings: Settings, store, report: RunReport) -> bool:
+def run_job(spark: SparkSession, settings: Settings, store, report: RunReport,
+            listing: Optional[S3Listing] = None) -> bool:
     """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
-    songs, song_rejects, events, event_rejects = extract(spark, settings, report)
+    songs, song_rejects, events, event_rejects = extract(spark, settings, report, listing)
     tables = transform(songs, events, report)
     with phase(report, "quality gate") as counts:
         pause_point("gate")
@@ -1377,6 +1518,9 @@ def s3a_options(aws: AwsSettings) -> Dict[str, str]:
         "fs.s3a.connection.maximum": "200",
         "fs.s3a.threads.max": "64",
         "fs.s3a.bucket.probe": "0",  # the preflight has seen the buckets
+        # No DELETE of parent "directory" markers after every file written (Hadoop 3.3.4 deletes them).
+        "fs.s3a.directory.marker.retention": "keep",
+        **S3A_RETRIES,
     }
     if aws.region:
         options["fs.s3a.endpoint.region"] = aws.region
@@ -1404,6 +1548,8 @@ class SparkPlan:
     # Classes the run needs that spark-submit's own classpath must provide: checked once the JVM is up.
     needed_classes: Mapping[str, str] = field(default_factory=dict)
     summary: str = "local paths"
+    # S3 input off EMR: listed by the driver, fetched inside the plan (read_s3_listed); else Spark's readers.
+    listing: Optional[S3Listing] = field(default=None, repr=False)
 
 
 def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker: Optional[str],
@@ -1427,15 +1573,29 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
     if not uses_s3:
         return SparkPlan(conf=conf, summary=f"local paths; {nio}")
     conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(settings.aws).items()})
-    conf.update(MAGIC_COMMITTER)
+    conf.update(STAGING_COMMITTER)
+    listing = S3Listing(settings.aws) if is_s3(settings.input_root) else None
+    if not submitted and os.path.isfile(LOG4J_CONF):
+        # A lost endpoint fails tasks and commits; S3A and Spark log each failure with its stack trace.
+        # conf/log4j2.properties keeps traces off the console: the job's own `error:` line says what failed.
+        conf["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile={LOG4J_CONF}"
+    if not submitted:
+        # The staging committer keeps its bookkeeping in the cluster file system, "tmp/staging" relative to
+        # it; in local mode that is the working directory. A temporary folder is the right place.
+        conf["spark.hadoop.fs.s3a.committer.staging.tmp.path"] = f"file://{tempfile.gettempdir()}/sparkify-staging"
+    if listing and not submitted and "PYSPARK_PYTHON" not in environ:
+        # The fetch runs in Python workers, which need boto3: this interpreter has it (the preflight used it),
+        # whereas Spark's default worker is whatever `python3` is first on the PATH.
+        conf["spark.pyspark.python"] = sys.executable
     if submitted:
         needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
         jars = "from spark-submit's --jars or --packages"
     else:
         needed, jars = {}, f"from {JARS_DIR} (Maven Central, via make setup)"
         conf["spark.jars"] = ",".join(maven())
-    return SparkPlan(conf=conf, secrets=s3a_secrets(settings.aws), needed_classes=needed,
-                     summary=f"S3 through S3A and its magic committer, jars {jars}, "
+    reads = "S3 input listed flat and fetched in the plan, " if listing else ""
+    return SparkPlan(conf=conf, secrets=s3a_secrets(settings.aws), needed_classes=needed, listing=listing,
+                     summary=f"{reads}S3 through S3A and its directory staging committer, jars {jars}, "
                              f"credentials from the {settings.aws.source}; {nio}")
 
 
@@ -1523,10 +1683,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # S3 itself failing, having passed the preflight seconds ago
         print(f"error: cannot lock {settings.output_root}: {_one_line(exc)}", file=sys.stderr)
         return 1
+    report = RunReport(settings, run_id=run_id)
     try:
-        return locked_run(settings, plan, store, RunReport(settings, run_id=run_id))
+        code = locked_run(settings, plan, store, report)
     finally:
-        store.release_lock(settings.output_root)
+        try:
+            store.release_lock(settings.output_root)
+        except Exception as exc:  # S3 gone: the lease goes stale by itself (LEASE_TTL_S)
+            LOG.warning("could not release the lease on %s: %s", settings.output_root, _one_line(exc))
+    if report.error_line:
+        print(f"error: {report.error_line}", file=sys.stderr)  # last, so it is the line a user sees
+    return code
 
 
 def locked_run(settings: Settings, plan: SparkPlan, store, report: RunReport) -> int:
@@ -1548,20 +1715,43 @@ def locked_run(settings: Settings, plan: SparkPlan, store, report: RunReport) ->
         print(f"error: {report.error}", file=sys.stderr)  # last, so it is the line a user sees
         return code
     try:
-        code = 0 if run_job(spark, settings, store, report) else 1
+        code = 0 if run_job(spark, settings, store, report, plan.listing) else 1
     except Exception as exc:  # the report must still say the run failed
         report.error = _one_line(exc)
         LOG.error("run failed: %s", report.error)
         code = 1
     finally:
         spark.stop()
+    if report.error:
+        report.error_line = failure_line(report, settings)
     if code == 0:
         code = catalog_step(settings, store, report)
-    code = end_report(store, settings, report, code)
-    if report.catalog.get("status") == "failed":  # last, so it is the line a user sees
-        print(f"error: the tables are published, but registering them in the Glue Data Catalog (database "
-              f"{settings.catalog_database}) failed: {report.catalog['error']}", file=sys.stderr)
-    return code
+    if report.catalog.get("status") == "failed":
+        report.error_line = (f"the tables are published, but registering them in the Glue Data Catalog "
+                             f"(database {settings.catalog_database}) failed: {report.catalog['error']}")
+    return end_report(store, settings, report, code)
+
+
+def failure_line(report: RunReport, settings: Settings) -> str:
+    """What stopped the run, in one line: where it was, and whether anything was published."""
+    where = f"the run stopped in '{report.current_phase}'" if report.current_phase else "the run stopped"
+    published = "publishing was cut short (the next run completes it)" if report.current_phase == "publish" \
+        else "nothing was published"
+    if settings.uses_s3 and not s3_reachable(settings):
+        return f"cannot reach S3 at {settings.aws.endpoint or 'the AWS endpoint'}: {where}; {published}"
+    return f"{where}: {report.error}; {published}"
+
+
+def s3_reachable(settings: Settings) -> bool:
+    """One quick request: is the endpoint still there (a failed run may be a lost endpoint)?"""
+    try:
+        bucket, _ = split_s3(next(root for root in (settings.output_root, settings.input_root) if is_s3(root)))
+        _s3_client(settings.aws, attempts=1).head_bucket(Bucket=bucket)
+        return True
+    except Exception as exc:
+        from botocore.exceptions import ClientError
+
+        return isinstance(exc, ClientError)  # S3 answered, if only with a refusal
 
 
 def staging_roots(settings: Settings) -> List[str]:

@@ -177,3 +177,63 @@ def spark_cluster(tmp_path_factory):
                     break
                 except subprocess.TimeoutExpired:
                     continue
+
+
+def s3_with_sample(endpoint, input_bucket, lake_bucket, extra):
+    """A boto3 client on the test server, with the sample and the extra {key: bytes} in input_bucket."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="setup", aws_secret_access_key="setup")
+    for bucket in (input_bucket, lake_bucket):
+        client.create_bucket(Bucket=bucket)
+    for path in SAMPLE.rglob("*.json"):
+        client.upload_file(str(path), input_bucket, path.relative_to(SAMPLE).as_posix())
+    for key, body in extra.items():
+        client.put_object(Bucket=input_bucket, Key=key, Body=body)
+    return client
+
+
+PROXY = ROOT / "tools" / "s3_proxy.py"
+
+
+class LatencyProxy:
+    """tools/s3_proxy.py in its own process, in front of the test server: delay, faults, counts."""
+
+    def __init__(self, upstream, *args):
+        import subprocess
+
+        self.process = subprocess.Popen([sys.executable, str(PROXY), upstream, *map(str, args)],
+                                        stdout=subprocess.PIPE, text=True)
+        self.url = self.process.stdout.readline().split()[-1]
+
+    def _call(self, method, command):
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.url}/__proxy__/{command}", method=method)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.load(answer)
+
+    def counts(self):
+        return self._call("GET", "counts")
+
+    def die(self):
+        self._call("POST", "die")
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def latency_proxy(s3_endpoint):
+    """Starts proxies in front of the module's S3 server: latency_proxy("--delay-ms", 5, ...)."""
+    started = []
+
+    def start(*args):
+        started.append(LatencyProxy(s3_endpoint, *args))
+        return started[-1]
+    yield start
+    for proxy in started:
+        proxy.stop()

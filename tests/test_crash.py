@@ -173,6 +173,8 @@ def s3_lake(client, name):
 
 def download(client, prefix, target):
     for item in client.list_objects_v2(Bucket="crash-bucket", Prefix=f"{prefix}/").get("Contents", []):
+        if item["Key"].endswith("/"):  # a directory marker (S3A keeps them), not a file
+            continue
         path = target / item["Key"][len(prefix) + 1:]
         path.parent.mkdir(parents=True, exist_ok=True)
         client.download_file("crash-bucket", item["Key"], str(path))

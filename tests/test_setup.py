@@ -1,5 +1,6 @@
 """How Spark is set up: the jars `make setup` resolved, and the one function that decides the session."""
 import re
+import sys
 from pathlib import Path
 
 import pyspark
@@ -47,15 +48,26 @@ def test_an_unbuilt_nio_jar_is_named_as_the_reason():
     assert "/nowhere/sparkify-hadoop.jar not built: run `make setup`" in chosen.summary
 
 
-def test_s3_run_started_by_python_adds_the_maven_jars_and_the_magic_committer():
+def test_s3_run_started_by_python_adds_the_maven_jars_and_the_staging_committer():
     chosen = plan(ON_S3)
     assert chosen.conf["spark.jars"] == ",".join(MAVEN)
     assert chosen.conf["spark.sql.sources.commitProtocolClass"] == etl.CLOUD_COMMIT_PROTOCOL
-    assert chosen.conf["spark.hadoop.fs.s3a.committer.name"] == "magic"
+    assert chosen.conf["spark.hadoop.fs.s3a.committer.name"] == "directory"
     assert chosen.conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
     assert chosen.secrets == {"fs.s3a.access.key": "AKIA", "fs.s3a.secret.key": SECRET}
     assert chosen.needed_classes == {}
     assert "credentials from the environment" in chosen.summary
+
+
+def test_s3_input_off_emr_is_listed_and_fetched_by_workers_running_this_python():
+    chosen = plan(ON_S3)
+    assert chosen.listing == etl.S3Listing(ON_S3.aws)
+    assert chosen.conf["spark.pyspark.python"] == sys.executable  # it has boto3: the preflight used it
+    assert chosen.summary.startswith("S3 input listed flat and fetched in the plan")
+    assert "spark.pyspark.python" not in plan(ON_S3, {"PYSPARK_PYTHON": "/opt/py"}).conf  # the user's wins
+    assert "spark.pyspark.python" not in plan(ON_S3, SUBMITTED).conf
+    local_input = etl.Settings("/in", "s3a://lake/x", "s3a://lake/x/_rejected", aws=ON_S3.aws)
+    assert plan(local_input).listing is None and plan(LOCAL).listing is None
 
 
 def test_spark_submit_brings_its_own_jars_which_are_checked_once_spark_is_up():
