@@ -1575,28 +1575,35 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
     conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(settings.aws).items()})
     conf.update(STAGING_COMMITTER)
     listing = S3Listing(settings.aws) if is_s3(settings.input_root) else None
-    if not submitted and os.path.isfile(LOG4J_CONF):
-        # A lost endpoint fails tasks and commits; S3A and Spark log each failure with its stack trace.
-        # conf/log4j2.properties keeps traces off the console: the job's own `error:` line says what failed.
-        conf["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile={LOG4J_CONF}"
-    if not submitted:
-        # The staging committer keeps its bookkeeping in the cluster file system, "tmp/staging" relative to
-        # it; in local mode that is the working directory. A temporary folder is the right place.
-        conf["spark.hadoop.fs.s3a.committer.staging.tmp.path"] = f"file://{tempfile.gettempdir()}/sparkify-staging"
-    if listing and not submitted and "PYSPARK_PYTHON" not in environ:
-        # The fetch runs in Python workers, which need boto3: this interpreter has it (the preflight used it),
-        # whereas Spark's default worker is whatever `python3` is first on the PATH.
-        conf["spark.pyspark.python"] = sys.executable
     if submitted:
         needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
         jars = "from spark-submit's --jars or --packages"
     else:
         needed, jars = {}, f"from {JARS_DIR} (Maven Central, via make setup)"
         conf["spark.jars"] = ",".join(maven())
+        conf.update(_started_by_python_on_s3(listing is not None, environ))
     reads = "S3 input listed flat and fetched in the plan, " if listing else ""
     return SparkPlan(conf=conf, secrets=s3a_secrets(settings.aws), needed_classes=needed, listing=listing,
                      summary=f"{reads}S3 through S3A and its directory staging committer, jars {jars}, "
                              f"credentials from the {settings.aws.source}; {nio}")
+
+
+def _started_by_python_on_s3(fetches: bool, environ: Mapping[str, str]) -> Dict[str, str]:
+    """What only `python etl.py` can still choose for an S3 run: spark-submit has fixed these already."""
+    conf = {
+        # The staging committer keeps its bookkeeping in the cluster file system, "tmp/staging" relative to
+        # it; in local mode that is the working directory. A temporary folder is the right place.
+        "spark.hadoop.fs.s3a.committer.staging.tmp.path": f"file://{tempfile.gettempdir()}/sparkify-staging",
+    }
+    if os.path.isfile(LOG4J_CONF):
+        # A lost endpoint fails tasks and commits; S3A and Spark log each failure with its stack trace.
+        # conf/log4j2.properties keeps traces off the console: the job's own `error:` line says what failed.
+        conf["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile={LOG4J_CONF}"
+    if fetches and "PYSPARK_PYTHON" not in environ:
+        # The fetch runs in Python workers, which need boto3: this interpreter has it (the preflight used it),
+        # whereas Spark's default worker is whatever `python3` is first on the PATH.
+        conf["spark.pyspark.python"] = sys.executable
+    return conf
 
 
 def create_spark_session(plan: Optional[SparkPlan] = None) -> SparkSession:
