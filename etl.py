@@ -183,15 +183,13 @@ S3A_COMMITTER_BINDING = {
 # the magic committer's ~10 (its .pending files, listings and probes of __magic paths). The run writes into
 # a fresh _staging/<run id>/ prefix, so "append" (no conflict check, no delete) is safe.
 S3A_COMMIT_THREADS = 64
-STAGING_COMMITTER = {
+S3A_COMMIT_SETTINGS = {
     # Hadoop 3.3.4 commits one task's uploads one after another, tasks in parallel: a table written by
     # one task (what adaptive execution makes of a small shuffle) completes its ~12,000 uploads one at a
     # time. Many write tasks, kept apart, give the job commit S3A_COMMIT_THREADS requests in flight.
     "spark.sql.shuffle.partitions": str(S3A_COMMIT_THREADS),
     "spark.sql.adaptive.coalescePartitions.enabled": "false",
     **S3A_COMMITTER_BINDING,
-    "spark.hadoop.fs.s3a.committer.name": "directory",
-    "spark.hadoop.fs.s3a.committer.staging.conflict-mode": "append",
     "spark.hadoop.fs.s3a.committer.threads": str(S3A_COMMIT_THREADS),
     # The job's own uploads are aborted by abortJob; listing the bucket's uploads on top costs a request
     # per write (a lifecycle rule for stale uploads is advised anyway, README).
@@ -199,6 +197,20 @@ STAGING_COMMITTER = {
     # No _SUCCESS file per table: the run report says what succeeded, and each marker costs a PUT, its
     # existence probes and a COPY at publish.
     "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
+}
+# The staging committer hands each task's pending uploads to the job commit through the cluster file
+# system: file:// here, where the driver and its tasks share one disk (python etl.py, local mode). On a
+# cluster without HDFS (a standalone cluster under spark-submit) the driver would find no pending uploads
+# and commit an empty table; the magic committer keeps that bookkeeping in S3 itself and works anywhere.
+STAGING_COMMITTER = {
+    **S3A_COMMIT_SETTINGS,
+    "spark.hadoop.fs.s3a.committer.name": "directory",
+    "spark.hadoop.fs.s3a.committer.staging.conflict-mode": "append",
+}
+MAGIC_COMMITTER = {
+    **S3A_COMMIT_SETTINGS,
+    "spark.hadoop.fs.s3a.committer.name": "magic",
+    "spark.hadoop.fs.s3a.committer.magic.enabled": "true",
 }
 SESSION_CONF = {
     # Every time function then works in UTC, whatever the machine's zone.
@@ -983,6 +995,13 @@ class LocalStore:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.rename(staged, final)
 
+    def has_data(self, path: str) -> bool:
+        for _, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if _is_visible(d)]
+            if any(_is_visible(name) for name in files):
+                return True
+        return False
+
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         return {}  # a folder swap needs nothing but the unit's names
 
@@ -1079,6 +1098,9 @@ class S3Store:
                                      CopySource={"Bucket": source_bucket, "Key": f"{source_prefix}/{key}"})
         with ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT) as pool:
             list(pool.map(copy_one, keys))
+
+    def has_data(self, path: str) -> bool:
+        return any(key and all(_is_visible(part) for part in key.split("/")) for key in self.keys(path))
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """The keys to copy in and, of the published ones, those to delete afterwards."""
@@ -1463,6 +1485,14 @@ def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], set
             counts["rows"] = report.tables[name]["rows"]
 
 
+def require_staged_data(store, settings: Settings, tables: Sequence[str], run_id: str) -> None:
+    """The gate saw rows in every table; a staged table without a data file means a committer lost them
+    (say, a staging committer on a cluster without a shared file system). Never publish that."""
+    for name in tables:
+        if not store.has_data(Unit(settings.output_root, name).staged(run_id)):
+            raise EtlError(f"the write of {name} left no data file in staging, though it has rows")
+
+
 def run_job(spark: SparkSession, settings: Settings, store, report: RunReport,
             listing: Optional[S3Listing] = None) -> bool:
     """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
@@ -1478,6 +1508,7 @@ def run_job(spark: SparkSession, settings: Settings, store, report: RunReport,
     to_publish = [] if failed else list(TABLES)
     stage({name: tables[name] for name in to_publish}, {SONG_DATA: song_rejects, LOG_DATA: event_rejects},
           settings, report)
+    require_staged_data(store, settings, to_publish, report.run_id)
     with phase(report, "publish") as counts:
         publish(store, units(settings, to_publish), report.run_id,
                 join(settings.output_root, STAGING_DIR, report.run_id, PUBLISH_JOURNAL))
@@ -1573,7 +1604,9 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
     if not uses_s3:
         return SparkPlan(conf=conf, summary=f"local paths; {nio}")
     conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(settings.aws).items()})
-    conf.update(STAGING_COMMITTER)
+    # Under spark-submit the master may be a cluster: only the magic committer is safe there.
+    committer, committer_name = (MAGIC_COMMITTER, "magic") if submitted else (STAGING_COMMITTER, "directory staging")
+    conf.update(committer)
     listing = S3Listing(settings.aws) if is_s3(settings.input_root) else None
     if submitted:
         needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
@@ -1584,7 +1617,7 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
         conf.update(_started_by_python_on_s3(listing is not None, environ))
     reads = "S3 input listed flat and fetched in the plan, " if listing else ""
     return SparkPlan(conf=conf, secrets=s3a_secrets(settings.aws), needed_classes=needed, listing=listing,
-                     summary=f"{reads}S3 through S3A and its directory staging committer, jars {jars}, "
+                     summary=f"{reads}S3 through S3A and its {committer_name} committer, jars {jars}, "
                              f"credentials from the {settings.aws.source}; {nio}")
 
 

@@ -121,7 +121,7 @@ def test_spark_submit_with_jars_runs_the_same_file(spark, s3, s3_endpoint, empty
                           "--input", "s3://in-bucket", "--output", "s3://lake-bucket/submitted",
                           env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint})
     assert result.returncode == 0, result.output[-3000:]
-    assert "S3 through S3A and its directory staging committer, jars from spark-submit's --jars" in result.output
+    assert "S3 through S3A and its magic committer, jars from spark-submit's --jars" in result.output
     # The quiet log4j2 file keeps Spark's INFO start-up lines off the console; the job's own remain.
     assert " INFO SparkContext:" not in result.output and "INFO read song_data" in result.output
     lake = download(s3, "lake-bucket", "submitted/", tmp_path / "lake")

@@ -72,6 +72,8 @@ def test_s3_input_off_emr_is_listed_and_fetched_by_workers_running_this_python()
 
 def test_spark_submit_brings_its_own_jars_which_are_checked_once_spark_is_up():
     chosen = plan(ON_S3, SUBMITTED)
+    # The master may be a cluster without a shared file system: the staging committer would lose the files.
+    assert chosen.conf["spark.hadoop.fs.s3a.committer.name"] == "magic"
     assert "spark.jars" not in chosen.conf and "spark.driver.extraClassPath" not in chosen.conf
     assert set(chosen.needed_classes) == {etl.S3A_FILE_SYSTEM, etl.CLOUD_COMMIT_PROTOCOL}
     assert "spark-submit fixes the driver's classpath" in chosen.summary
