@@ -103,13 +103,20 @@ def versions(tmp_path_factory, empty_config):
     return inputs, outputs, old, new
 
 
-@pytest.mark.parametrize("moment", LOCAL_KILLS)
-def test_a_kill_leaves_every_table_whole(versions, empty_config, tmp_path, moment):
-    inputs, outputs, old, new = versions
+def paused_run_on_yesterdays_lake(versions, config, tmp_path, moment):
+    """A copy of yesterday's lake, and a run of today's input into it, paused at moment."""
+    inputs, outputs, _, _ = versions
     lake = tmp_path / "lake"
     shutil.copytree(outputs["old"], lake)
-    killed = start(empty_config, "--input", inputs["new"], "--output", lake, pause=moment)
-    wait_for_pause(killed, moment)
+    process = start(config, "--input", inputs["new"], "--output", lake, pause=moment)
+    wait_for_pause(process, moment)
+    return lake, process
+
+
+@pytest.mark.parametrize("moment", LOCAL_KILLS)
+def test_a_kill_leaves_every_table_whole(versions, empty_config, tmp_path, moment):
+    inputs, _, old, new = versions
+    lake, killed = paused_run_on_yesterdays_lake(versions, empty_config, tmp_path, moment)
     if moment == "gate":  # while a run holds the lake, a second one is refused in one line
         status, stderr = run(empty_config, "--input", inputs["new"], "--output", lake)
         assert status == 2 and stderr.strip().startswith(f"error: another run is writing to {lake}"), stderr
@@ -126,11 +133,8 @@ def test_a_kill_leaves_every_table_whole(versions, empty_config, tmp_path, momen
 
 @pytest.mark.parametrize("moment", ["write time", f"published {etl.SONGS}"])
 def test_the_next_run_finishes_or_clears_a_killed_one(versions, empty_config, tmp_path, moment):
-    inputs, outputs, old, new = versions
-    lake = tmp_path / "lake"
-    shutil.copytree(outputs["old"], lake)
-    killed = start(empty_config, "--input", inputs["new"], "--output", lake, pause=moment)
-    wait_for_pause(killed, moment)
+    inputs, _, _, new = versions
+    lake, killed = paused_run_on_yesterdays_lake(versions, empty_config, tmp_path, moment)
     killed_id = json.loads((lake / etl.REPORT_NAME).read_text())["run_id"]
     kill(killed)
 
