@@ -436,6 +436,12 @@ def _is_visible(name: str) -> bool:
     return not name.startswith((".", "_"))
 
 
+def _is_input_file(relative_path: str) -> bool:
+    """The contract's input rule for a path below a tree: a *.json name, no part starting with '.' or '_'."""
+    parts = relative_path.split("/")
+    return parts[-1].endswith(".json") and all(_is_visible(part) for part in parts)
+
+
 def _has_json(folder: str) -> bool:
     for _, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if _is_visible(d)]
@@ -504,8 +510,7 @@ def _require_json_objects(client, root: str, tree: str) -> None:
     for page in pages:
         for item in page.get("Contents", []):
             seen_any = True
-            parts = item["Key"][len(folder):].split("/")
-            if parts[-1].endswith(".json") and all(_is_visible(part) for part in parts):
+            if _is_input_file(item["Key"][len(folder):]):
                 return
     where = f"s3://{bucket}/{folder}"
     raise EtlError(f"no .json files under {where}" if seen_any else f"no {tree}/ under input root {root}")
@@ -597,8 +602,7 @@ def list_s3_json(aws: AwsSettings, path: str) -> List[Tuple[str, int]]:
     found = []
     for page in pages:
         for item in page.get("Contents", []):
-            parts = item["Key"][len(prefix) + 1 if prefix else 0:].split("/")
-            if parts[-1].endswith(".json") and all(_is_visible(part) for part in parts):
+            if _is_input_file(item["Key"][len(prefix) + 1 if prefix else 0:]):
                 found.append((f"{scheme}://{bucket}/{item['Key']}", item["Size"]))
     return found
 
@@ -976,9 +980,6 @@ class LocalStore:
     def children(self, path: str) -> List[str]:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
-    def exists(self, path: str) -> bool:
-        return os.path.exists(path)
-
     def remove(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -1077,9 +1078,6 @@ class S3Store:
                                                                         Delimiter="/")
         return sorted(p["Prefix"][len(prefix) + 1:].rstrip("/") for page in pages
                       for p in page.get("CommonPrefixes", []))
-
-    def exists(self, path: str) -> bool:
-        return bool(self.keys(path))
 
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         bucket, prefix = split_s3(path)
