@@ -163,7 +163,6 @@ EMR_MARKERS = ("/mnt/var/lib/info/job-flow.json", "/emr/instance-controller/lib/
 # `make setup` resolves hadoop-aws and spark-hadoop-cloud from Maven Central into .jars/ and lists
 # them in the manifest (tools/get_jars.py); it also builds our java.nio local file system there.
 JARS_DIR = os.path.join(HERE, ".jars")
-JARS_MANIFEST = os.path.join(JARS_DIR, "maven-jars.txt")
 NIO_JAR = os.path.join(JARS_DIR, "sparkify-hadoop.jar")
 NIO_FILE_SYSTEM = "sparkify.NioLocalFileSystem"
 LOG4J_CONF = os.path.join(HERE, "conf", "log4j2.properties")
@@ -177,13 +176,12 @@ S3A_COMMITTER_BINDING = {
     **{f"spark.hadoop.mapreduce.outputcommitter.factory.scheme.{scheme.split(':')[0]}":
        "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory" for scheme in S3_SCHEMES},
 }
-# The directory staging committer (issue 9): tasks write to local disk and upload at task commit, many
-# files at once; the job commit completes the uploads, many at once. Each file is uploaded once, to its
-# final key, as a multipart upload that becomes visible at job commit: about 3 requests per file against
-# the magic committer's ~10 (its .pending files, listings and probes of __magic paths). The run writes into
-# a fresh _staging/<run id>/ prefix, so "append" (no conflict check, no delete) is safe.
+# spark-submit writes S3 output through S3A's magic committer (issue 9): the master may be a cluster, whose
+# tasks share no disk with the driver, and the magic committer keeps its bookkeeping in S3 itself. It costs
+# ~10 requests per file (.pending files, listings and probes of __magic paths), against 2 for python
+# etl.py's spool (plan_spark). The run writes into a fresh _staging/<run id>/ prefix.
 S3A_COMMIT_THREADS = 64
-S3A_COMMIT_SETTINGS = {
+MAGIC_COMMITTER = {
     # Hadoop 3.3.4 commits one task's uploads one after another, tasks in parallel: a table written by
     # one task (what adaptive execution makes of a small shuffle) completes its ~12,000 uploads one at a
     # time. Many write tasks, kept apart, give the job commit S3A_COMMIT_THREADS requests in flight.
@@ -197,18 +195,6 @@ S3A_COMMIT_SETTINGS = {
     # No _SUCCESS file per table: the run report says what succeeded, and each marker costs a PUT, its
     # existence probes and a COPY at publish.
     "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
-}
-# The staging committer hands each task's pending uploads to the job commit through the cluster file
-# system: file:// here, where the driver and its tasks share one disk (python etl.py, local mode). On a
-# cluster without HDFS (a standalone cluster under spark-submit) the driver would find no pending uploads
-# and commit an empty table; the magic committer keeps that bookkeeping in S3 itself and works anywhere.
-STAGING_COMMITTER = {
-    **S3A_COMMIT_SETTINGS,
-    "spark.hadoop.fs.s3a.committer.name": "directory",
-    "spark.hadoop.fs.s3a.committer.staging.conflict-mode": "append",
-}
-MAGIC_COMMITTER = {
-    **S3A_COMMIT_SETTINGS,
     "spark.hadoop.fs.s3a.committer.name": "magic",
     "spark.hadoop.fs.s3a.committer.magic.enabled": "true",
 }
@@ -436,18 +422,28 @@ def _is_visible(name: str) -> bool:
     return not name.startswith((".", "_"))
 
 
-def _is_input_file(relative_path: str) -> bool:
-    """The contract's input rule for a path below a tree: a *.json name, no part starting with '.' or '_'."""
+def _is_visible_file(relative_path: str) -> bool:
+    """A file readers see: no part of its path below a folder starts with '.' or '_' (not a folder marker)."""
     parts = relative_path.split("/")
-    return parts[-1].endswith(".json") and all(_is_visible(part) for part in parts)
+    return parts[-1] != "" and all(_is_visible(part) for part in parts)
+
+
+def _is_input_file(relative_path: str) -> bool:
+    """The contract's input rule for a path below a tree: a visible *.json file."""
+    return relative_path.endswith(".json") and _is_visible_file(relative_path)
+
+
+def visible_files(folder: str) -> Iterator[str]:
+    """Paths, relative to a local folder and "/"-separated, of the files below it that readers see."""
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if _is_visible(d))
+        below = os.path.relpath(parent, folder)
+        for name in sorted(filter(_is_visible, files)):
+            yield name if below == "." else f"{below.replace(os.sep, '/')}/{name}"
 
 
 def _has_json(folder: str) -> bool:
-    for _, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if _is_visible(d)]
-        if any(name.endswith(".json") and _is_visible(name) for name in files):
-            return True
-    return False
+    return any(name.endswith(".json") for name in visible_files(folder))
 
 
 def preflight_local(settings: Settings) -> None:
@@ -997,11 +993,7 @@ class LocalStore:
         os.rename(staged, final)
 
     def has_data(self, path: str) -> bool:
-        for _, dirs, files in os.walk(path):
-            dirs[:] = [d for d in dirs if _is_visible(d)]
-            if any(_is_visible(name) for name in files):
-                return True
-        return False
+        return next(visible_files(path), None) is not None
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         return {}  # a folder swap needs nothing but the unit's names
@@ -1087,18 +1079,27 @@ class S3Store:
             self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
     def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         (source_bucket, source_prefix), (bucket, prefix) = split_s3(source), split_s3(target)
 
         def copy_one(key: str) -> None:
             self._client.copy_object(Bucket=bucket, Key=f"{prefix}/{key}",
                                      CopySource={"Bucket": source_bucket, "Key": f"{source_prefix}/{key}"})
-        with ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT) as pool:
-            list(pool.map(copy_one, keys))
+        _in_flight(copy_one, keys)
+
+    def upload(self, folder: str, target: str) -> int:
+        """PUTs every visible file below a local folder to the same relative key below target, one request
+        each, many at once; returns how many."""
+        bucket, prefix = split_s3(target)
+        names = list(visible_files(folder))
+
+        def put(name: str) -> None:
+            with open(os.path.join(folder, name), "rb") as body:
+                self._client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
+        _in_flight(put, names)
+        return len(names)
 
     def has_data(self, path: str) -> bool:
-        return any(key and all(_is_visible(part) for part in key.split("/")) for key in self.keys(path))
+        return any(map(_is_visible_file, self.keys(path)))
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """The keys to copy in and, of the published ones, those to delete afterwards."""
@@ -1147,6 +1148,19 @@ class S3Store:
         if self._renewer is not None:
             self._renewer.cancel()
         self.remove(root, [LEASE_NAME])
+
+
+def _in_flight(request: Callable[[str], None], keys: Sequence[str]) -> None:
+    """One request per key, S3_REQUESTS_IN_FLIGHT at once: each is a round trip, and S3 serves many."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT)
+    try:
+        for _ in pool.map(request, keys):
+            pass
+    finally:
+        # After a failure, the requests not yet started are dropped: S3 failing one is likely to fail them all.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_stale(lease: dict) -> bool:
@@ -1246,8 +1260,8 @@ def published_partitions(store, table_path: str, columns: Sequence[str]) -> Dict
     """
     partitions: Dict[Tuple[str, ...], str] = {}
     for key in store.keys(table_path):
-        *folders, name = key.split("/")
-        if not name or not _is_visible(name) or len(folders) != len(columns) or not all(map(_is_visible, folders)):
+        *folders, _ = key.split("/")
+        if not _is_visible_file(key) or len(folders) != len(columns):
             continue  # a folder marker, _SUCCESS, or a file that is not a partition's data
         names_values = [folder.partition("=") for folder in folders]
         if [name for name, _, _ in names_values] != list(columns):
@@ -1470,17 +1484,41 @@ def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
 
 
 def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], settings: Settings,
-          report: RunReport) -> None:
-    """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/."""
+          report: RunReport, store, spool: Optional[str] = None) -> None:
+    """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/. With a
+    spool folder, Spark writes there (local disk) and the files are then uploaded to the staging prefix."""
+    written: List[Tuple[Unit, str]] = []
+
+    def target(unit: Unit) -> str:
+        path = os.path.join(spool, f"{len(written)}-{unit.name}") if spool else unit.staged(report.run_id)
+        written.append((unit, path))
+        return path
+
     for tree, frame in rejects.items():
         # Rejects are few; one file per tree is easiest to inspect.
-        frame.coalesce(1).write.mode("overwrite").json(Unit(settings.rejected_root, tree).staged(report.run_id))
+        frame.coalesce(1).write.mode("overwrite").json(target(Unit(settings.rejected_root, tree)))
     for name in tables:
         pause_point(f"write {name}")
         with phase(report, f"write {name}") as counts:
-            write_table(tables[name], Unit(settings.output_root, name).staged(report.run_id),
-                        settings.partition_by[name])
+            write_table(tables[name], target(Unit(settings.output_root, name)), settings.partition_by[name])
             counts["rows"] = report.tables[name]["rows"]
+    if spool:
+        with phase(report, "upload") as counts:
+            counts["files"] = sum(store.upload(path, unit.staged(report.run_id)) for unit, path in written)
+
+
+@contextmanager
+def spool_folder(spark: SparkSession, plan: SparkPlan, run_id: str) -> Iterator[Optional[str]]:
+    """A local folder for S3 output on its way up, if the plan spools; removed afterwards (TMPDIR says where)."""
+    if not plan.spool:
+        yield None
+        return
+    if not spark.sparkContext.master.startswith("local"):
+        # A cluster's tasks would write to their own machines' disks, which this driver cannot upload from.
+        raise EtlError(f"python etl.py writes S3 output through local disk, which needs a local master, not "
+                       f"{spark.sparkContext.master}: use spark-submit for a cluster (README, \"spark-submit\")")
+    with tempfile.TemporaryDirectory(prefix=f"sparkify-{run_id}-") as folder:
+        yield folder
 
 
 def require_staged_data(store, settings: Settings, tables: Sequence[str], run_id: str) -> None:
@@ -1491,10 +1529,9 @@ def require_staged_data(store, settings: Settings, tables: Sequence[str], run_id
             raise EtlError(f"the write of {name} left no data file in staging, though it has rows")
 
 
-def run_job(spark: SparkSession, settings: Settings, store, report: RunReport,
-            listing: Optional[S3Listing] = None) -> bool:
+def run_job(spark: SparkSession, settings: Settings, store, report: RunReport, plan: SparkPlan) -> bool:
     """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
-    songs, song_rejects, events, event_rejects = extract(spark, settings, report, listing)
+    songs, song_rejects, events, event_rejects = extract(spark, settings, report, plan.listing)
     tables = transform(songs, events, report)
     with phase(report, "quality gate") as counts:
         pause_point("gate")
@@ -1504,8 +1541,9 @@ def run_job(spark: SparkSession, settings: Settings, store, report: RunReport,
     for check in failed:
         LOG.error("check failed: %s (%s)", check.name, check.detail)
     to_publish = [] if failed else list(TABLES)
-    stage({name: tables[name] for name in to_publish}, {SONG_DATA: song_rejects, LOG_DATA: event_rejects},
-          settings, report)
+    with spool_folder(spark, plan, report.run_id) as spool:
+        stage({name: tables[name] for name in to_publish}, {SONG_DATA: song_rejects, LOG_DATA: event_rejects},
+              settings, report, store, spool)
     require_staged_data(store, settings, to_publish, report.run_id)
     with phase(report, "publish") as counts:
         publish(store, units(settings, to_publish), report.run_id,
@@ -1518,19 +1556,6 @@ def run_job(spark: SparkSession, settings: Settings, store, report: RunReport,
 
 def emr_marker() -> Optional[str]:
     return next((path for path in EMR_MARKERS if os.path.exists(path)), None)
-
-
-def maven_jars() -> List[str]:
-    """The jars `make setup` resolved from Maven Central (tools/get_jars.py lists them in a manifest)."""
-    try:
-        with open(JARS_MANIFEST, encoding="utf-8") as manifest:
-            jars = [os.path.join(JARS_DIR, name) for name in manifest.read().split()]
-    except OSError:
-        raise EtlError(f"S3A connector not set up: {JARS_MANIFEST} not found (run `make setup`, or see README)") from None
-    missing = [jar for jar in jars if not os.path.isfile(jar)]
-    if missing:
-        raise EtlError(f"S3A connector jar not found: {missing[0]} (run `make setup`)")
-    return jars
 
 
 def s3a_options(aws: AwsSettings) -> Dict[str, str]:
@@ -1579,10 +1604,12 @@ class SparkPlan:
     summary: str = "local paths"
     # S3 input off EMR: listed by the driver, fetched inside the plan (read_s3_listed); else Spark's readers.
     listing: Optional[S3Listing] = field(default=None, repr=False)
+    # S3 output under python etl.py: Spark writes to a local folder, whose files are then uploaded (stage).
+    spool: bool = False
 
 
 def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker: Optional[str],
-               maven: Callable[[], List[str]] = maven_jars, nio_jar: str = NIO_JAR) -> SparkPlan:
+               nio_jar: str = NIO_JAR) -> SparkPlan:
     """Turns how the job was started (python or spark-submit), where (EMR or not) and what it touches
     (local paths or S3) into the session's settings and jars, with a summary of why."""
     # spark-submit starts the JVM before Python runs, so jars and the driver's classpath are already fixed.
@@ -1601,34 +1628,31 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
         nio = f"local files through Hadoop's default ({nio_jar} not built: run `make setup`)"
     if not uses_s3:
         return SparkPlan(conf=conf, summary=f"local paths; {nio}")
-    conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(settings.aws).items()})
-    # Under spark-submit the master may be a cluster: only the magic committer is safe there.
-    committer, committer_name = (MAGIC_COMMITTER, "magic") if submitted else (STAGING_COMMITTER, "directory staging")
-    conf.update(committer)
     listing = S3Listing(settings.aws) if is_s3(settings.input_root) else None
-    if submitted:
-        needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
-        jars = "from spark-submit's --jars or --packages"
-    else:
-        needed, jars = {}, f"from {JARS_DIR} (Maven Central, via make setup)"
-        conf["spark.jars"] = ",".join(maven())
+    reads = "S3 input listed flat and fetched in the plan" if listing else "local input"
+    if not submitted:
+        # python etl.py runs Spark in this process (local mode): its tasks write to this machine's disk, so
+        # S3 output is spooled there and uploaded by boto3, one PUT per file, many at once. No S3A at all.
         conf.update(_started_by_python_on_s3(listing is not None, environ))
-    reads = "S3 input listed flat and fetched in the plan, " if listing else ""
+        spool = is_s3(settings.output_root)
+        writes = f"S3 output written to local disk, then PUT by boto3 ({S3_REQUESTS_IN_FLIGHT} in flight)" \
+            if spool else "local output"
+        return SparkPlan(conf=conf, listing=listing, spool=spool,
+                         summary=f"{reads}; {writes}; credentials from the {settings.aws.source}; {nio}")
+    conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(settings.aws).items()})
+    conf.update(MAGIC_COMMITTER)
+    needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
     return SparkPlan(conf=conf, secrets=s3a_secrets(settings.aws), needed_classes=needed, listing=listing,
-                     summary=f"{reads}S3 through S3A and its {committer_name} committer, jars {jars}, "
-                             f"credentials from the {settings.aws.source}; {nio}")
+                     summary=f"{reads}; S3 through S3A and its magic committer, jars from spark-submit's --jars "
+                             f"or --packages, credentials from the {settings.aws.source}; {nio}")
 
 
 def _started_by_python_on_s3(fetches: bool, environ: Mapping[str, str]) -> Dict[str, str]:
     """What only `python etl.py` can still choose for an S3 run: spark-submit has fixed these already."""
-    conf = {
-        # The staging committer keeps its bookkeeping in the cluster file system, "tmp/staging" relative to
-        # it; in local mode that is the working directory. A temporary folder is the right place.
-        "spark.hadoop.fs.s3a.committer.staging.tmp.path": f"file://{tempfile.gettempdir()}/sparkify-staging",
-    }
+    conf = {}
     if os.path.isfile(LOG4J_CONF):
-        # A lost endpoint fails tasks and commits; S3A and Spark log each failure with its stack trace.
-        # conf/log4j2.properties keeps traces off the console: the job's own `error:` line says what failed.
+        # A lost endpoint fails tasks; Spark logs each failure with its stack trace. conf/log4j2.properties
+        # keeps traces off the console: the job's own `error:` line says what failed.
         conf["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile={LOG4J_CONF}"
     if fetches and "PYSPARK_PYTHON" not in environ:
         # The fetch runs in Python workers, which need boto3: this interpreter has it (the preflight used it),
@@ -1753,7 +1777,7 @@ def locked_run(settings: Settings, plan: SparkPlan, store, report: RunReport) ->
         print(f"error: {report.error}", file=sys.stderr)  # last, so it is the line a user sees
         return code
     try:
-        code = 0 if run_job(spark, settings, store, report, plan.listing) else 1
+        code = 0 if run_job(spark, settings, store, report, plan) else 1
     except Exception as exc:  # the report must still say the run failed
         report.error = _one_line(exc)
         LOG.error("run failed: %s", report.error)

@@ -10,7 +10,7 @@ import pytest
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from conftest import SAMPLE, free_port, read_tables, s3_with_sample
+from conftest import SAMPLE, free_port, maven_jars, read_tables, s3_with_sample
 
 SECRET = "sEcReT-7f3a9c-never-log-me"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIATESTINGSPARKIFY", "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -32,7 +32,7 @@ def spark_submit(*args, env):
     """spark-submit as the README gives it: the venv's Python on both sides, quiet console logging."""
     command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"),
                "--driver-java-options", f"-Dlog4j.configurationFile={etl.HERE}/conf/log4j2.properties", *args]
-    # In local mode the staging committer keeps its bookkeeping under tmp/ in the working directory.
+    # Out of the repository: nothing Spark leaves in its working directory lands there.
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir(),
                             env={**os.environ, **env, "PYSPARK_PYTHON": sys.executable})
     # spark-submit passes the Python process's stderr on through its own stdout.
@@ -56,8 +56,8 @@ def test_s3_round_trip_through_environment_variables_equals_local_run(spark, run
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     result = run_etl("--input", "s3://in-bucket/", "--output", "s3a://lake-bucket/lake/", env=env)
     assert result.returncode == 0, result.stderr
-    assert "S3 input listed flat and fetched in the plan, S3 through S3A and its directory staging committer, " \
-           "jars from " in result.stderr
+    assert "S3 input listed flat and fetched in the plan; S3 output written to local disk, then PUT by boto3 " \
+           in result.stderr
     assert "credentials from the environment" in result.stderr
 
     lake = download(s3, "lake-bucket", "lake/", tmp_path / "lake")
@@ -69,7 +69,7 @@ def test_s3_round_trip_through_environment_variables_equals_local_run(spark, run
     assert report["rejected"]["path"] == "s3a://lake-bucket/lake/_rejected"
     leftovers = s3.list_objects_v2(Bucket="lake-bucket", Prefix="lake/" + etl.PREFLIGHT_PROBE)
     assert leftovers["KeyCount"] == 0
-    # Written by S3A's staging committer: every upload completed, and no _SUCCESS markers (README, "S3").
+    # Uploaded from the spool: data files only, no _SUCCESS markers, no upload left open (README, "S3").
     assert not list(lake.rglob("_SUCCESS"))
     assert not s3.list_multipart_uploads(Bucket="lake-bucket").get("Uploads")
 
@@ -117,7 +117,7 @@ def test_unreachable_endpoint_is_one_clear_line(run_etl, tmp_path):
 
 def test_spark_submit_with_jars_runs_the_same_file(spark, s3, s3_endpoint, empty_config, sample_output, tmp_path):
     """spark-submit starts the JVM first, so the jars come from --jars, as the README says."""
-    result = spark_submit("--jars", ",".join(etl.maven_jars()), etl.__file__, "--config", empty_config,
+    result = spark_submit("--jars", ",".join(maven_jars()), etl.__file__, "--config", empty_config,
                           "--input", "s3://in-bucket", "--output", "s3://lake-bucket/submitted",
                           env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint})
     assert result.returncode == 0, result.output[-3000:]

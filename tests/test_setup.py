@@ -7,18 +7,18 @@ import pyspark
 import pytest
 
 import etl
+from conftest import JARS_MANIFEST, maven_jars
 
 SECRET = "sEcReT-setup-never-in-conf"
 LOCAL = etl.Settings("/in", "/out", "/out/_rejected")
 ON_S3 = etl.Settings("s3://in", "s3a://lake/x", "s3a://lake/x/_rejected",
                      aws=etl.AwsSettings("AKIA", SECRET, region="eu-west-1", source="environment"))
 PYTHON, SUBMITTED = {}, {"PYSPARK_GATEWAY_PORT": "4242"}
-MAVEN = ("/jars/hadoop-aws.jar", "/jars/sdk.jar")
 
 
 def plan(settings, environ=PYTHON, marker=None, nio_built=True):
     nio_jar = Path(etl.NIO_JAR) if nio_built else Path("/nowhere/sparkify-hadoop.jar")
-    return etl.plan_spark(settings, environ, marker, maven=lambda: list(MAVEN), nio_jar=str(nio_jar))
+    return etl.plan_spark(settings, environ, marker, nio_jar=str(nio_jar))
 
 
 def bundled_version(artifact):
@@ -29,11 +29,11 @@ def bundled_version(artifact):
 
 def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
     """Hadoop's S3A documentation: hadoop-aws must match hadoop-common exactly."""
-    names = Path(etl.JARS_MANIFEST).read_text().split()
+    names = JARS_MANIFEST.read_text().split()
     aws = [name for name in names if name.startswith("hadoop-aws-")]
     assert aws == [f"hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
     assert f"spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
-    assert all(Path(jar).is_file() for jar in etl.maven_jars())
+    assert all(Path(jar).is_file() for jar in maven_jars())
 
 
 def test_local_run_started_by_python_uses_the_nio_file_system():
@@ -48,15 +48,15 @@ def test_an_unbuilt_nio_jar_is_named_as_the_reason():
     assert "/nowhere/sparkify-hadoop.jar not built: run `make setup`" in chosen.summary
 
 
-def test_s3_run_started_by_python_adds_the_maven_jars_and_the_staging_committer():
+def test_s3_output_under_python_is_spooled_on_local_disk_and_needs_no_s3a():
     chosen = plan(ON_S3)
-    assert chosen.conf["spark.jars"] == ",".join(MAVEN)
-    assert chosen.conf["spark.sql.sources.commitProtocolClass"] == etl.CLOUD_COMMIT_PROTOCOL
-    assert chosen.conf["spark.hadoop.fs.s3a.committer.name"] == "directory"
-    assert chosen.conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
-    assert chosen.secrets == {"fs.s3a.access.key": "AKIA", "fs.s3a.secret.key": SECRET}
-    assert chosen.needed_classes == {}
+    assert chosen.spool
+    assert not [key for key in chosen.conf if "s3a" in key or "commit" in key or key == "spark.jars"], chosen.conf
+    assert chosen.secrets == {} and chosen.needed_classes == {}
+    assert "S3 output written to local disk, then PUT by boto3 (64 in flight)" in chosen.summary
     assert "credentials from the environment" in chosen.summary
+    s3_input_only = etl.Settings("s3://in", "/out", "/out/_rejected", aws=ON_S3.aws)
+    assert not plan(s3_input_only).spool and not plan(LOCAL).spool and not plan(ON_S3, SUBMITTED).spool
 
 
 def test_s3_input_off_emr_is_listed_and_fetched_by_workers_running_this_python():
@@ -72,8 +72,11 @@ def test_s3_input_off_emr_is_listed_and_fetched_by_workers_running_this_python()
 
 def test_spark_submit_brings_its_own_jars_which_are_checked_once_spark_is_up():
     chosen = plan(ON_S3, SUBMITTED)
-    # The master may be a cluster without a shared file system: the staging committer would lose the files.
+    # The master may be a cluster, whose tasks share no disk with the driver: S3A's magic committer writes.
     assert chosen.conf["spark.hadoop.fs.s3a.committer.name"] == "magic"
+    assert chosen.conf["spark.sql.sources.commitProtocolClass"] == etl.CLOUD_COMMIT_PROTOCOL
+    assert chosen.conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
+    assert chosen.secrets == {"fs.s3a.access.key": "AKIA", "fs.s3a.secret.key": SECRET}
     assert "spark.jars" not in chosen.conf and "spark.driver.extraClassPath" not in chosen.conf
     assert set(chosen.needed_classes) == {etl.S3A_FILE_SYSTEM, etl.CLOUD_COMMIT_PROTOCOL}
     assert "spark-submit fixes the driver's classpath" in chosen.summary
