@@ -67,8 +67,9 @@ S3_DELETE_BATCH = 1000
 # request is a round trip. A user's --conf wins over these defaults.
 S3_READ_IN_FLIGHT_CONF = "spark.sparkify.s3.readRequestsPerTask"
 S3_READ_IN_FLIGHT = 32
-S3_FILES_PER_TASK_CONF = "spark.sparkify.s3.filesPerTask"
-S3_FILES_PER_TASK = 2000
+# Files per fetch task, S3 or local: the listing travels inside the tasks, so a slice is kept small.
+FILES_PER_TASK_CONF = "spark.sparkify.filesPerTask"
+FILES_PER_TASK = 2000
 FETCH_BATCH_BYTES = 32 * 1024 * 1024  # fetched content held at once per task: bounded memory
 FETCH_BATCH_FILES = 1000
 URI_PATH_SAFE = "/!$&'()*+,;=:@~-._"  # what java.net.URI leaves as it is in a path
@@ -639,39 +640,59 @@ def fetch_s3_files(aws: AwsSettings, in_flight: int, uri_names: bool) -> Callabl
     return fetch
 
 
-def read_s3_listed(spark: SparkSession, path: str, schema: T.StructType, listing: S3Listing,
-                   uri_names: bool) -> Tuple[DataFrame, int]:
-    """read_json for S3 with latency: the same parsed records and source_file values; returns the file count."""
-    files = list_s3_json(listing.aws, path)
+def list_local_json(path: str) -> List[Tuple[str, int]]:
+    """(path, 0) of every visible *.json below a local folder: reading a local file needs no size."""
+    return [(os.path.join(path, name), 0) for name in visible_files(path) if name.endswith(".json")]
+
+
+def fetch_local_files(files: Iterator[Tuple[str, int]]) -> Iterator[Tuple[str, bytes]]:
+    """For mapPartitions: local (path, size) pairs in, (source_file, content) rows out, the path spelt as
+    Spark's binaryFile reader spells it."""
+    for path, _ in files:
+        with open(path, "rb") as handle:
+            yield f"file:{path}", handle.read()
+
+
+def read_listed(spark: SparkSession, files: Sequence[Tuple[str, int]], schema: T.StructType,
+                fetch: Callable) -> DataFrame:
+    """Listed (path, size) pairs, fetched whole inside the plan and parsed as read_json parses lines.
+
+    For many small files: Spark's own readers set up a reader per file and list folder by folder (one LIST
+    per folder on S3); here one listing is shipped to tasks in slices, each task reading its slice."""
     conf = spark.sparkContext.getConf()
-    in_flight = int(conf.get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
-    per_task = int(conf.get(S3_FILES_PER_TASK_CONF, str(S3_FILES_PER_TASK)))
+    per_task = int(conf.get(FILES_PER_TASK_CONF, str(FILES_PER_TASK)))
     tasks = max(1, spark.sparkContext.defaultParallelism, -(-len(files) // per_task))
-    fetch = fetch_s3_files(listing.aws, in_flight, uri_names)
     fetched = spark.createDataFrame(spark.sparkContext.parallelize(files, tasks).mapPartitions(fetch),
                                     f"{SOURCE_FILE} string, content binary")
-    return parse_whole_files(fetched, schema), len(files)
-
-
-def read_song_data(spark: SparkSession, input_root: str) -> DataFrame:
-    return read_json(spark, join(input_root, SONG_DATA), SONG_SCHEMA, small_files=True)
-
-
-def read_log_data(spark: SparkSession, input_root: str) -> DataFrame:
-    return read_json(spark, join(input_root, LOG_DATA), LOG_SCHEMA)
+    return parse_whole_files(fetched, schema)
 
 
 def read_input(spark: SparkSession, input_root: str, tree: str,
                listing: Optional[S3Listing] = None) -> Tuple[DataFrame, int]:
-    """One input tree and its file count: listed and fetched on S3 off EMR, else Spark's own readers."""
+    """One input tree and its file count. S3 off EMR is listed flat and fetched in the plan, as are local
+    song files; on EMR, and for local event logs (few, day-sized), Spark's own readers."""
+    folder, songs = join(input_root, tree), tree == SONG_DATA
+    schema = SONG_SCHEMA if songs else LOG_SCHEMA
     if listing:
+        files = list_s3_json(listing.aws, folder)
+        in_flight = int(spark.sparkContext.getConf().get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
         # The same source_file strings as Spark's readers: binaryFile (songs) gives the path as it is, the
         # line reader's _metadata.file_path (logs) its URI form.
-        songs = tree == SONG_DATA
-        return read_s3_listed(spark, join(input_root, tree), SONG_SCHEMA if songs else LOG_SCHEMA, listing,
-                              uri_names=not songs)
-    raw = read_song_data(spark, input_root) if tree == SONG_DATA else read_log_data(spark, input_root)
+        fetch = fetch_s3_files(listing.aws, in_flight, uri_names=not songs)
+        return read_listed(spark, files, schema, fetch), len(files)
+    if songs and not is_remote(folder):
+        files = list_local_json(folder)
+        return read_listed(spark, files, schema, fetch_local_files), len(files)
+    raw = read_json(spark, folder, schema, small_files=songs)
     return raw, len(raw.inputFiles())
+
+
+def read_song_data(spark: SparkSession, input_root: str) -> DataFrame:
+    return read_input(spark, input_root, SONG_DATA)[0]
+
+
+def read_log_data(spark: SparkSession, input_root: str) -> DataFrame:
+    return read_input(spark, input_root, LOG_DATA)[0]
 
 
 def _reject_reason(required: str, missing_reason: str) -> Column:
@@ -1626,6 +1647,10 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
         nio = "local files through java.nio (no chmod process per file)"
     else:
         nio = f"local files through Hadoop's default ({nio_jar} not built: run `make setup`)"
+    if not submitted and "PYSPARK_PYTHON" not in environ:
+        # Song files are fetched in Python workers (read_listed), which need what this interpreter has
+        # (boto3 for S3), whereas Spark's default worker is whatever `python3` is first on the PATH.
+        conf["spark.pyspark.python"] = sys.executable
     if not uses_s3:
         return SparkPlan(conf=conf, summary=f"local paths; {nio}")
     listing = S3Listing(settings.aws) if is_s3(settings.input_root) else None
@@ -1633,7 +1658,7 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
     if not submitted:
         # python etl.py runs Spark in this process (local mode): its tasks write to this machine's disk, so
         # S3 output is spooled there and uploaded by boto3, one PUT per file, many at once. No S3A at all.
-        conf.update(_started_by_python_on_s3(listing is not None, environ))
+        conf.update(_quiet_failures())
         spool = is_s3(settings.output_root)
         writes = f"S3 output written to local disk, then PUT by boto3 ({S3_REQUESTS_IN_FLIGHT} in flight)" \
             if spool else "local output"
@@ -1647,22 +1672,15 @@ def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker:
                              f"or --packages, credentials from the {settings.aws.source}; {nio}")
 
 
-def _started_by_python_on_s3(fetches: bool, environ: Mapping[str, str]) -> Dict[str, str]:
-    """What only `python etl.py` can still choose for an S3 run: spark-submit has fixed these already."""
-    conf = {}
-    if os.path.isfile(LOG4J_CONF):
-        # A lost endpoint fails tasks; Spark logs each failure with its stack trace. conf/log4j2.properties
-        # keeps traces off the console: the job's own `error:` line says what failed.
-        conf["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile={LOG4J_CONF}"
-    if fetches and "PYSPARK_PYTHON" not in environ:
-        # The fetch runs in Python workers, which need boto3: this interpreter has it (the preflight used it),
-        # whereas Spark's default worker is whatever `python3` is first on the PATH.
-        conf["spark.pyspark.python"] = sys.executable
-    return conf
+def _quiet_failures() -> Dict[str, str]:
+    """A lost endpoint fails tasks; Spark logs each failure with its stack trace. conf/log4j2.properties keeps
+    traces off the console: the job's own `error:` line says what failed (spark-submit: README)."""
+    return {"spark.driver.extraJavaOptions": f"-Dlog4j.configurationFile={LOG4J_CONF}"} \
+        if os.path.isfile(LOG4J_CONF) else {}
 
 
 def create_spark_session(plan: Optional[SparkPlan] = None) -> SparkSession:
-    plan = plan or SparkPlan()
+    plan = plan or plan_spark(None, os.environ, emr_marker())
     builder = SparkSession.builder.appName(APP_NAME)
     for key, value in {**SESSION_CONF, **plan.conf}.items():
         builder = builder.config(key, value)

@@ -38,13 +38,14 @@ def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
 
 def test_local_run_started_by_python_uses_the_nio_file_system():
     chosen = plan(LOCAL)
-    assert chosen.conf == {"spark.driver.extraClassPath": etl.NIO_JAR, "spark.hadoop.fs.file.impl": etl.NIO_FILE_SYSTEM}
+    assert chosen.conf == {"spark.driver.extraClassPath": etl.NIO_JAR, "spark.hadoop.fs.file.impl": etl.NIO_FILE_SYSTEM,
+                           "spark.pyspark.python": sys.executable}  # song files are read in Python workers
     assert chosen.summary == "local paths; local files through java.nio (no chmod process per file)"
 
 
 def test_an_unbuilt_nio_jar_is_named_as_the_reason():
     chosen = plan(LOCAL, nio_built=False)
-    assert chosen.conf == {}
+    assert chosen.conf == {"spark.pyspark.python": sys.executable}
     assert "/nowhere/sparkify-hadoop.jar not built: run `make setup`" in chosen.summary
 
 
