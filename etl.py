@@ -183,11 +183,9 @@ S3A_COMMITTER_BINDING = {
 # etl.py's spool (plan_spark). The run writes into a fresh _staging/<run id>/ prefix.
 S3A_COMMIT_THREADS = 64
 MAGIC_COMMITTER = {
-    # Hadoop 3.3.4 commits one task's uploads one after another, tasks in parallel: a table written by
-    # one task (what adaptive execution makes of a small shuffle) completes its ~12,000 uploads one at a
-    # time. Many write tasks, kept apart, give the job commit S3A_COMMIT_THREADS requests in flight.
+    # Hadoop 3.3.4 commits one task's uploads one after another, tasks in parallel: many write tasks
+    # (write_table makes one per shuffle partition) give the job commit S3A_COMMIT_THREADS requests in flight.
     "spark.sql.shuffle.partitions": str(S3A_COMMIT_THREADS),
-    "spark.sql.adaptive.coalescePartitions.enabled": "false",
     **S3A_COMMITTER_BINDING,
     "spark.hadoop.fs.s3a.committer.threads": str(S3A_COMMIT_THREADS),
     # The job's own uploads are aborted by abortJob; listing the bucket's uploads on top costs a request
@@ -960,9 +958,12 @@ def run_checks(tables: Mapping[str, DataFrame], events: DataFrame) -> List[Check
 # --------------------------------------------------------------------------- load
 
 def write_table(table: DataFrame, path: str, partition_by: Sequence[str]) -> None:
-    # One file per partition folder: each folder's rows are brought to one task first.
+    # One file per partition folder: each folder's rows are brought to one task first. The task count is
+    # given, as adaptive execution would otherwise coalesce a small table into one task, which then opens
+    # every folder's file on one core (the songs table: thousands of files, a writer each).
     if partition_by:
-        table = table.repartition(*[F.col(c) for c in partition_by])
+        tasks = int(table.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+        table = table.repartition(tasks, *[F.col(c) for c in partition_by])
     else:
         table = table.coalesce(1)
     writer = table.write.mode("overwrite")
