@@ -85,12 +85,17 @@ def run_etl(empty_config):
 
 
 @pytest.fixture(scope="session")
-def sample_output(run_etl, tmp_path_factory):
-    """One run of the job on the bundled sample, shared by the tests that only read it."""
+def sample_run(run_etl, tmp_path_factory):
+    """One run of the job on the bundled sample, shared by the tests that only read it or its log."""
     out = tmp_path_factory.mktemp("sample") / "output"
     result = run_etl("--input", SAMPLE, "--output", out)
     assert result.returncode == 0, result.stderr
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def sample_output(sample_run):
+    return sample_run[0]
 
 
 def read_tables(spark, root):
