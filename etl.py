@@ -1259,11 +1259,14 @@ def recover(store, roots: Sequence[str], output_root: str) -> Dict[str, List[str
 
 
 def pause_point(name: str) -> None:
-    """Fault injection for the crash tests: SPARKIFY_PAUSE_AT=<name> stops the run here until it is killed."""
-    if os.environ.get(PAUSE_ENV) == name:
+    """Fault injection for the crash tests: SPARKIFY_PAUSE_AT=<name>[,<name>...] stops the run at each point
+    named until a line arrives on its standard input (so one run can be looked at in several states), or
+    until it is killed."""
+    if name in os.environ.get(PAUSE_ENV, "").split(","):
         print(f"paused at {name}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(60)
+        if not sys.stdin.readline():  # no input to resume it (closed, or /dev/null): wait to be killed
+            while True:
+                time.sleep(60)
 
 
 # --------------------------------------------------------------------------- the Glue Data Catalog

@@ -10,6 +10,12 @@ import pytest
 # Python turns collected timestamps into local wall-clock time: pin it, as the job pins Spark.
 os.environ["TZ"] = "UTC"
 time.tzset()
+# Every JVM the suite starts lives for seconds to a minute, too short for C2's optimised code to pay for its
+# compiles; on two cores its compiler threads take the CPU from the job (a sample run took about half as long
+# with C1 alone). Only speed changes. spark-submit (pyspark's too) gives SPARK_SUBMIT_OPTS to the driver JVM,
+# which in local mode is the only one, and prints nothing about it; a developer's own setting is kept.
+C1_ONLY = "-XX:TieredStopAtLevel=1"
+os.environ.setdefault("SPARK_SUBMIT_OPTS", C1_ONLY)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,12 +91,17 @@ def run_etl(empty_config):
 
 
 @pytest.fixture(scope="session")
-def sample_output(run_etl, tmp_path_factory):
-    """One run of the job on the bundled sample, shared by the tests that only read it."""
+def sample_run(run_etl, tmp_path_factory):
+    """One run of the job on the bundled sample, shared by the tests that only read it or its log."""
     out = tmp_path_factory.mktemp("sample") / "output"
     result = run_etl("--input", SAMPLE, "--output", out)
     assert result.returncode == 0, result.stderr
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def sample_output(sample_run):
+    return sample_run[0]
 
 
 def read_tables(spark, root):
@@ -148,7 +159,8 @@ def spark_cluster(tmp_path_factory):
     spark_class = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-class")
     base = tmp_path_factory.mktemp("cluster")
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
-    env.update(SPARK_LOCAL_IP="127.0.0.1", SPARK_DAEMON_MEMORY=DAEMON_MEMORY, PYSPARK_PYTHON=sys.executable)
+    env.update(SPARK_LOCAL_IP="127.0.0.1", SPARK_DAEMON_MEMORY=DAEMON_MEMORY, PYSPARK_PYTHON=sys.executable,
+               SPARK_DAEMON_JAVA_OPTS=C1_ONLY)  # the master and worker JVMs: C1 alone, as the drivers
     port, ui_port, worker_ui_port = free_port(), free_port(), free_port()
     url, web_ui = f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
     commands = {

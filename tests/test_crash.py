@@ -1,8 +1,10 @@
 """A killed run never empties a table: SIGKILL at each step, then every table is yesterday's or today's.
 
-Each run is killed at a pause point (SPARKIFY_PAUSE_AT, etl.pause_point) with SIGKILL to its whole
-process group, Python and JVM alike. Tables are read back the way an analyst's tool would: pyarrow,
-with names starting with "_" or "." ignored.
+A run stops at pause points (SPARKIFY_PAUSE_AT, etl.pause_point) and is killed with SIGKILL to its whole
+process group, Python and JVM alike. SIGKILL lets no code run, so a kill at a pause point leaves the lake
+exactly as it is while the run waits there: one run pauses at every point in turn, the lake is copied at
+each (the run goes on at a line on its stdin), and the run is killed at the last. Tables are read back the
+way an analyst's tool would: pyarrow, with names starting with "_" or "." ignored.
 """
 import json
 import os
@@ -36,10 +38,12 @@ def make_input(root, days, drop_songs=0):
     return root
 
 
-def start(config, *args, pause=None, env=None):
-    environment = {**os.environ, **(env or {}), **({etl.PAUSE_ENV: pause} if pause else {})}
+def start(config, *args, pause=(), env=None):
+    """The job in its own process group, pausing at each of the points named in pause."""
+    environment = {**os.environ, **(env or {}), **({etl.PAUSE_ENV: ",".join(pause)} if pause else {})}
     return subprocess.Popen([sys.executable, ETL, "--config", config, *map(str, args)], env=environment,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
 
 
 def run(config, *args, env=None):
@@ -58,9 +62,30 @@ def wait_for_pause(process, name):
     raise AssertionError(f"the run ended (status {process.wait()}) before pausing at {name}")
 
 
+def resume(process):
+    process.stdin.write("\n")
+    process.stdin.flush()
+
+
+def visit_pauses(process, moments, look):
+    """Calls look(moment) while the run waits at each moment in turn; kills the run at the last (or on failure)."""
+    try:
+        for moment in moments:
+            wait_for_pause(process, moment)
+            look(moment)
+            if moment != moments[-1]:
+                resume(process)
+    finally:
+        kill(process)
+
+
 def kill(process):
-    os.killpg(process.pid, signal.SIGKILL)  # Python and the JVM it started share the group
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # Python and the JVM it started share the group
+    except ProcessLookupError:  # the whole group has ended already
+        pass
     process.wait()
+    process.stdin.close()
     process.stderr.close()
 
 
@@ -103,24 +128,40 @@ def versions(tmp_path_factory, empty_config):
     return inputs, outputs, old, new
 
 
-def paused_run_on_yesterdays_lake(versions, config, tmp_path, moment):
-    """A copy of yesterday's lake, and a run of today's input into it, paused at moment."""
+@pytest.fixture(scope="module")
+def killed_lakes(versions, empty_config, tmp_path_factory):
+    """Today's run into a copy of yesterday's lake, paused at each of LOCAL_KILLS in turn and killed at the last.
+
+    Returns the lake the run wrote to, killed; the lake at each moment (a copy taken while the run waited
+    there; at the last moment, after the kill), never changed afterwards; and the (exit status, stderr) of a
+    second run started while the first one held the lake at the gate.
+    """
     inputs, outputs, _, _ = versions
-    lake = tmp_path / "lake"
-    shutil.copytree(outputs["old"], lake)
-    process = start(config, "--input", inputs["new"], "--output", lake, pause=moment)
-    wait_for_pause(process, moment)
-    return lake, process
+    base = tmp_path_factory.mktemp("killed")
+    live = base / "lake"
+    shutil.copytree(outputs["old"], live)
+    process = start(empty_config, "--input", inputs["new"], "--output", live, pause=LOCAL_KILLS)
+    lakes, second_run = {}, {}
+
+    def look(moment):
+        if moment == "gate":
+            second_run["gate"] = run(empty_config, "--input", inputs["new"], "--output", live)
+        if moment != LOCAL_KILLS[-1]:
+            lakes[moment] = shutil.copytree(live, base / moment.replace(" ", "-"))
+
+    visit_pauses(process, LOCAL_KILLS, look)
+    lakes[LOCAL_KILLS[-1]] = shutil.copytree(live, base / LOCAL_KILLS[-1].replace(" ", "-"))
+    return live, lakes, second_run["gate"]
 
 
 @pytest.mark.parametrize("moment", LOCAL_KILLS)
-def test_a_kill_leaves_every_table_whole(versions, empty_config, tmp_path, moment):
-    inputs, _, old, new = versions
-    lake, killed = paused_run_on_yesterdays_lake(versions, empty_config, tmp_path, moment)
+def test_a_kill_leaves_every_table_whole(versions, killed_lakes, moment):
+    _, _, old, new = versions
+    live, lakes, second_run = killed_lakes
+    lake = lakes[moment]
     if moment == "gate":  # while a run holds the lake, a second one is refused in one line
-        status, stderr = run(empty_config, "--input", inputs["new"], "--output", lake)
-        assert status == 2 and stderr.strip().startswith(f"error: another run is writing to {lake}"), stderr
-    kill(killed)
+        status, stderr = second_run
+        assert status == 2 and stderr.strip().startswith(f"error: another run is writing to {live}"), stderr
 
     current = assert_each_table_is_one_version(lake, old, new)
     report = json.loads((lake / etl.REPORT_NAME).read_text())
@@ -132,11 +173,12 @@ def test_a_kill_leaves_every_table_whole(versions, empty_config, tmp_path, momen
 
 
 @pytest.mark.parametrize("moment", ["write time", f"published {etl.SONGS}"])
-def test_the_next_run_finishes_or_clears_a_killed_one(versions, empty_config, tmp_path, moment):
+def test_the_next_run_finishes_or_clears_a_killed_one(versions, killed_lakes, empty_config, tmp_path, moment):
     inputs, _, _, new = versions
-    lake, killed = paused_run_on_yesterdays_lake(versions, empty_config, tmp_path, moment)
+    live, lakes, _ = killed_lakes
+    # A publish journal names the lake's own folder: after the last moment, the next run goes where the run was.
+    lake = live if moment == LOCAL_KILLS[-1] else shutil.copytree(lakes[moment], tmp_path / "lake")
     killed_id = json.loads((lake / etl.REPORT_NAME).read_text())["run_id"]
-    kill(killed)
 
     assert run(empty_config, "--input", inputs["new"], "--output", lake)[0] == 0
     assert snapshot(lake) == new and staged_leftovers(lake) == []
@@ -167,12 +209,18 @@ def s3_versions(versions, s3_endpoint):
     return client, old, new
 
 
+def copy_prefix(client, source, target):
+    """Every object under source/, directory markers included, copied server-side under target/."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="crash-bucket", Prefix=f"{source}/"):
+        for item in page.get("Contents", []):
+            client.copy_object(Bucket="crash-bucket", Key=f"{target}/{item['Key'][len(source) + 1:]}",
+                               CopySource={"Bucket": "crash-bucket", "Key": item["Key"]})
+    return target
+
+
 def s3_lake(client, name):
     """A copy of yesterday's lake under its own prefix."""
-    for item in client.list_objects_v2(Bucket="crash-bucket", Prefix="lake-old/")["Contents"]:
-        client.copy_object(Bucket="crash-bucket", Key=f"{name}/{item['Key'][len('lake-old/'):]}",
-                           CopySource={"Bucket": "crash-bucket", "Key": item["Key"]})
-    return f"s3://crash-bucket/{name}"
+    return f"s3://crash-bucket/{copy_prefix(client, 'lake-old', name)}"
 
 
 def download(client, prefix, target):
@@ -185,15 +233,30 @@ def download(client, prefix, target):
     return target
 
 
+@pytest.fixture(scope="module")
+def s3_killed_lakes(s3_versions, s3_endpoint, empty_config):
+    """As killed_lakes, on S3: the prefix holding the lake at each of S3_KILLS (copied server-side while the
+    run waited there; at the last moment, the lake the run wrote to, after the kill)."""
+    client, _, _ = s3_versions
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", s3_lake(client, "killed"),
+                    pause=S3_KILLS, env=env)
+    prefixes = {S3_KILLS[-1]: "killed"}
+
+    def look(moment):
+        if moment != S3_KILLS[-1]:
+            prefixes[moment] = copy_prefix(client, "killed", moment.replace(" ", "-"))
+
+    visit_pauses(process, S3_KILLS, look)
+    return prefixes
+
+
 @pytest.mark.parametrize("moment", S3_KILLS)
-def test_a_kill_on_s3_leaves_every_table_whole_and_the_next_run_finishes(s3_versions, s3_endpoint, empty_config,
-                                                                         tmp_path, moment):
+def test_a_kill_on_s3_leaves_every_table_whole_and_the_next_run_finishes(s3_versions, s3_killed_lakes, s3_endpoint,
+                                                                         empty_config, tmp_path, moment):
     client, old, new = s3_versions
-    name = moment.replace(" ", "-")
-    lake, env = s3_lake(client, name), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
-    killed = start(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, pause=moment, env=env)
-    wait_for_pause(killed, moment)
-    kill(killed)
+    name = s3_killed_lakes[moment]
+    lake, env = f"s3://crash-bucket/{name}", {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     current = assert_each_table_is_one_version(download(client, name, tmp_path / "killed"), old, new)
     assert current[etl.SONGS] == (new if moment.startswith("published") else old)[etl.SONGS]
 

@@ -109,8 +109,8 @@ def test_junk_files_change_nothing(spark, run_etl, sample_output, tmp_path):
     assert report["input"]["song_files"] == 71 and report["input"]["log_files"] == 30
 
 
-def test_log_has_one_line_per_phase_with_counts_and_seconds(run_etl, sample_output, tmp_path):
-    result = run_etl("--input", SAMPLE, "--output", tmp_path / "output")
+def test_log_has_one_line_per_phase_with_counts_and_seconds(sample_run):
+    _, result = sample_run
     phase_line = re.compile(r" INFO (\S+(?: \S+)?)\s+(\d+\.\d)s  (.*)$")
     phases = {m.group(1): m.group(3) for m in map(phase_line.search, result.stderr.splitlines()) if m}
     expected = ["start spark", "read song_data", "read log_data", "build tables", "quality gate", "publish"]

@@ -4,13 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from conftest import ETL, SAMPLE, read_tables, s3_with_sample
+from conftest import ETL, SAMPLE, LatencyProxy, read_tables, s3_with_sample
 from test_s3 import CREDENTIALS, download
 
 DELAY_MS = 5
@@ -40,6 +41,62 @@ def start_job(proxy, output, input_root="s3://latency-in/"):
     command = [sys.executable, ETL, "--input", input_root, "--output", output]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": proxy.url})
+
+
+class CutOffRun:
+    """The job through a proxy of its own, which disappears once every input file is read; the job's end is
+    awaited in a thread, which notes when it came."""
+
+    def __init__(self, s3_endpoint, input_files):
+        self.proxy = LatencyProxy(s3_endpoint, "--delay-ms", DELAY_MS)
+        self.job = start_job(self.proxy, "s3a://latency-lake/gone")
+        self.input_files = input_files
+        self.gone = self.ended = None
+        self.stderr = ""
+        self._waiter = threading.Thread(target=self._wait, daemon=True)
+
+    def cut_once_the_input_is_read(self):
+        """Gone once every input file is read: the tables are built and staged next, and the upload meets no S3."""
+        try:
+            while self.proxy.counts()["by_bucket"].get("latency-in", {}).get("GET", 0) < self.input_files:
+                if self.job.poll() is not None:  # it ended before that: the test says so
+                    return
+                time.sleep(0.2)
+            self.proxy.die()
+            self.gone = time.monotonic()
+        finally:
+            self._waiter.start()
+
+    def _wait(self):
+        try:
+            _, self.stderr = self.job.communicate(timeout=DEAD_WITHIN_S + 60)
+        except subprocess.TimeoutExpired:
+            self.job.kill()
+            _, self.stderr = self.job.communicate()
+        self.ended = time.monotonic()
+
+    def result(self):
+        """The job's stderr, once it has ended."""
+        self._waiter.join()
+        return self.stderr
+
+    def stop(self):
+        if self.job.poll() is None:
+            self.job.kill()
+        self.result()
+        self.proxy.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cut_off_run(latency_input, s3_endpoint):
+    """Started before the module's first test, which runs while this run, its endpoint gone, fails: its
+    retries are mostly waiting."""
+    run = CutOffRun(s3_endpoint, latency_input[1])
+    try:
+        run.cut_once_the_input_is_read()
+        yield run
+    finally:
+        run.stop()
 
 
 def test_sample_round_trip_with_latency_and_faults_meets_the_request_budget_and_equals_a_local_run(
@@ -73,18 +130,11 @@ def test_sample_round_trip_with_latency_and_faults_meets_the_request_budget_and_
     assert sum(writing.values()) <= WRITE_BUDGET_PER_OBJECT * objects + FIXED_PER_FOLDER * folders, (objects, writing)
 
 
-def test_an_endpoint_gone_mid_run_fails_it_quickly_in_one_line_and_publishes_nothing(latency_input, latency_proxy):
-    client, input_files = latency_input
-    proxy = latency_proxy("--delay-ms", DELAY_MS)
-    job = start_job(proxy, "s3a://latency-lake/gone")
-    # Gone once every input file is read: the tables are built and staged next, and the upload meets no S3.
-    while proxy.counts()["by_bucket"].get("latency-in", {}).get("GET", 0) < input_files:
-        assert job.poll() is None, job.communicate()[1][-3000:]
-        time.sleep(0.2)
-    proxy.die()
-    gone = time.monotonic()
-    _, stderr = job.communicate(timeout=DEAD_WITHIN_S + 60)
-    assert time.monotonic() - gone <= DEAD_WITHIN_S
+def test_an_endpoint_gone_mid_run_fails_it_quickly_in_one_line_and_publishes_nothing(latency_input, cut_off_run):
+    client, _ = latency_input
+    job, proxy, stderr = cut_off_run.job, cut_off_run.proxy, cut_off_run.result()
+    assert cut_off_run.gone is not None, stderr[-3000:]  # the endpoint went once the input was read
+    assert cut_off_run.ended - cut_off_run.gone <= DEAD_WITHIN_S
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert job.returncode == 1 and errors == [stderr.strip().splitlines()[-1]], stderr[-3000:]
     assert errors[0].startswith(f"error: cannot reach S3 at {proxy.url}: the run stopped")
