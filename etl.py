@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import reduce
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pyspark
 import pyspark.sql.functions as F
@@ -70,8 +70,8 @@ S3_READ_IN_FLIGHT = 32
 # Files per fetch task, S3 or local: the listing travels inside the tasks, so a slice is kept small.
 FILES_PER_TASK_CONF = "spark.sparkify.filesPerTask"
 FILES_PER_TASK = 2000
-FETCH_BATCH_BYTES = 32 * 1024 * 1024  # fetched content held at once per task: bounded memory
-FETCH_BATCH_FILES = 1000
+FETCH_WINDOW_BYTES = 32 * 1024 * 1024  # fetched content held at once per task: bounded memory
+FETCH_WINDOW_FILES = 1000
 URI_PATH_SAFE = "/!$&'()*+,;=:@~-._"  # what java.net.URI leaves as it is in a path
 # The run report's names for each tree's file and record counts.
 REPORT_INPUT_KEYS = {SONG_DATA: ("song_files", "song_records"), LOG_DATA: ("log_files", "log_events")}
@@ -615,7 +615,8 @@ def fetch_s3_files(aws: AwsSettings, in_flight: int, uri_names: bool) -> Callabl
     once in each task. Plain Python and boto3 on the workers (no Arrow needed). The credentials travel
     inside this closure, as they do in Hadoop's configuration, never in a log."""
     def fetch(files: Iterator[Tuple[str, int]]) -> Iterator[Tuple[str, bytes]]:
-        from concurrent.futures import ThreadPoolExecutor
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         client = _s3_client(aws, attempts=S3_ATTEMPTS, pool=in_flight)
 
@@ -624,17 +625,24 @@ def fetch_s3_files(aws: AwsSettings, in_flight: int, uri_names: bool) -> Callabl
             content = client.get_object(Bucket=bucket, Key=key)["Body"].read()
             return as_uri(path) if uri_names else path, content
 
-        with ThreadPoolExecutor(in_flight) as pool:
-            paths, held = [], 0
+        # A sliding window: requests keep being started as the oldest results are handed on, so the in_flight
+        # requests never drain between batches. Sizes come from the listing (no HEAD); at most about
+        # FETCH_WINDOW_BYTES are held at once, which bounds memory when the files are day-sized logs.
+        pool = ThreadPoolExecutor(in_flight)
+        window: Deque[Tuple[Future, int]] = deque()
+        held = 0
+        try:
             for path, size in files:
-                paths.append(path)
+                window.append((pool.submit(get, path), size))
                 held += size
-                # Sizes come from the listing (no HEAD); a batch of about FETCH_BATCH_BYTES at a time keeps
-                # memory bounded when the files are day-sized logs.
-                if held >= FETCH_BATCH_BYTES or len(paths) >= FETCH_BATCH_FILES:
-                    yield from pool.map(get, paths)
-                    paths, held = [], 0
-            yield from pool.map(get, paths)
+                while held >= FETCH_WINDOW_BYTES or len(window) >= FETCH_WINDOW_FILES:
+                    oldest, oldest_size = window.popleft()
+                    held -= oldest_size
+                    yield oldest.result()
+            for future, _ in window:
+                yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure, the requests not yet started go
     return fetch
 
 
