@@ -1541,15 +1541,11 @@ def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], set
 
 
 @contextmanager
-def spool_folder(spark: SparkSession, plan: SparkPlan, run_id: str) -> Iterator[Optional[str]]:
+def spool_folder(plan: SparkPlan, run_id: str) -> Iterator[Optional[str]]:
     """A local folder for S3 output on its way up, if the plan spools; removed afterwards (TMPDIR says where)."""
     if not plan.spool:
         yield None
         return
-    if not spark.sparkContext.master.startswith("local"):
-        # A cluster's tasks would write to their own machines' disks, which this driver cannot upload from.
-        raise EtlError(f"python etl.py writes S3 output through local disk, which needs a local master, not "
-                       f"{spark.sparkContext.master}: use spark-submit for a cluster (README, \"spark-submit\")")
     with tempfile.TemporaryDirectory(prefix=f"sparkify-{run_id}-") as folder:
         yield folder
 
@@ -1574,7 +1570,7 @@ def run_job(spark: SparkSession, settings: Settings, store, report: RunReport, p
     for check in failed:
         LOG.error("check failed: %s (%s)", check.name, check.detail)
     to_publish = [] if failed else list(TABLES)
-    with spool_folder(spark, plan, report.run_id) as spool:
+    with spool_folder(plan, report.run_id) as spool:
         stage({name: tables[name] for name in to_publish}, {SONG_DATA: song_rejects, LOG_DATA: event_rejects},
               settings, report, store, spool)
     require_staged_data(store, settings, to_publish, report.run_id)
@@ -1699,6 +1695,12 @@ def create_spark_session(plan: Optional[SparkPlan] = None) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     _require_classes(spark, plan.needed_classes)
+    if plan.spool and not spark.sparkContext.master.startswith("local"):
+        # A cluster's tasks would write to their own machines' disks, which this driver cannot upload from.
+        master = spark.sparkContext.master
+        spark.stop()
+        raise EtlError(f"python etl.py writes S3 output through local disk, which needs a local master, not "
+                       f"{master}: use spark-submit for a cluster (README, \"spark-submit\")")
     hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
     for key, value in plan.secrets.items():
         hadoop_conf.set(key, value)
