@@ -645,8 +645,10 @@ def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
         .select(
             F.from_json(F.col(LINE), _with_corrupt_record(schema), options).alias("record"),
             F.col(SOURCE_FILE),
-            # JSON text is UTF-8: a line that is not is kept as base64, which its reason says.
-            F.when(F.col(NOT_UTF8), F.base64(F.col(LINE_BYTES))).otherwise(F.col(LINE)).alias(LINE),
+            # JSON text is UTF-8: a line that is not is kept as base64, which its reason says (in one piece:
+            # Spark 3.5's base64 breaks its output into lines MIME-style).
+            F.when(F.col(NOT_UTF8), F.translate(F.base64(F.col(LINE_BYTES)), "\r\n", ""))
+            .otherwise(F.col(LINE)).alias(LINE),
             F.col(NOT_UTF8),
             F.when(F.size(unknown) > 0, unknown).alias(UNKNOWN_FIELDS),
         )
@@ -1043,6 +1045,7 @@ MIN_MATCHED_TO_COMPARE = 50
 # Fewer lines than this lacking a required field are a few bad lines, which rejects are for (one of the
 # sample's 71 song files is 1.4%), not a field gone upstream: they never fail the run.
 MIN_MISSING_LINES = 10
+SHARE_DIGITS = 6
 
 
 def collect_aggregates(aggregates: Mapping[str, DataFrame]) -> Dict[str, Row]:
@@ -1079,7 +1082,8 @@ def measure(tables: Mapping[str, DataFrame], songs: DataFrame, events: DataFrame
 
 
 def _share(part: float, whole: Optional[float]) -> float:
-    return part / whole if whole else 0.0
+    """part / whole, rounded as the report shows it: a check compares the value it reports."""
+    return round(part / whole, SHARE_DIGITS) if whole else 0.0
 
 
 def run_figures(measured: Mapping[str, object], read: Mapping[str, Mapping[str, object]]) -> Dict[str, object]:
@@ -1088,9 +1092,8 @@ def run_figures(measured: Mapping[str, object], read: Mapping[str, Mapping[str, 
     return {
         "rows": dict(measured["rows"]),
         "matched_songplays": measured["matched"],
-        "match_rate": round(measured["matched"] / songplays, 6) if songplays else None,
-        "rejected_share": {tree: round(_share(profile["rejected"], profile["records"]), 6)
-                           for tree, profile in read.items()},
+        "match_rate": _share(measured["matched"], songplays) if songplays else None,
+        "rejected_share": {tree: _share(profile["rejected"], profile["records"]) for tree, profile in read.items()},
     }
 
 
@@ -1131,8 +1134,7 @@ def required_field_checks(read: Mapping[str, Mapping[str, object]], quality: Qua
             detail = f"missing or empty in {counts['missing']:,} of {counts['expected']:,} {where} ({share:.2%}; " \
                      f"at most {limit:.2%}, or fewer than {MIN_MISSING_LINES} lines)"
             passed = share <= limit or counts["missing"] < MIN_MISSING_LINES
-            checks.append(Check(f"{name} is present in {where}", passed, detail, value=round(share, 6),
-                                threshold=limit))
+            checks.append(Check(f"{name} is present in {where}", passed, detail, value=share, threshold=limit))
     return checks
 
 
@@ -1151,7 +1153,7 @@ def table_checks(measured: Mapping[str, object]) -> List[Check]:
 def _fall(now: float, was: float) -> Tuple[float, str]:
     """How far now fell below was, as a share of was, and in words."""
     fall = _share(was - now, was)
-    return fall, f"{'fell' if fall > 0 else 'rose'} {abs(fall):.1%}"
+    return fall, f"{'fell' if fall > 0 else 'rose'} {abs(fall):.1%}" if fall else "unchanged"
 
 
 def drift_checks(figures: Mapping[str, object], previous: Optional[Mapping[str, object]],
@@ -1170,19 +1172,22 @@ def drift_checks(figures: Mapping[str, object], previous: Optional[Mapping[str, 
                             previous=was))
 
     now, was, limit = figures["match_rate"], before.get("match_rate"), quality.max_match_rate_fall
-    fall, detail = 0.0, f"no earlier successful run with at least {MIN_MATCHED_TO_COMPARE} matched songplays"
+    fall, matched = 0.0, f"{now:.2%} of songplays matched to a song" if now is not None else ""
     if now is None:
         detail = "no songplays"
-    elif was is not None and (before.get("matched_songplays") or 0) >= MIN_MATCHED_TO_COMPARE:
+    elif not previous:
+        detail = f"{matched}; {NOTHING_EARLIER}"
+    elif was is None or (before.get("matched_songplays") or 0) < MIN_MATCHED_TO_COMPARE:
+        detail = f"{matched}; fewer than {MIN_MATCHED_TO_COMPARE} matched songplays {since}: too few to compare"
+    else:
         fall, words = _fall(now, was)
-        detail = f"{now:.2%} of songplays matched to a song, {was:.2%} {since}: {words} of itself " \
-                 f"(at most a {limit:.0%} fall)"
+        detail = f"{matched}, {was:.2%} {since}: {words} (at most a {limit:.0%} fall, relative to itself)"
     checks.append(Check("match rate did not fall", fall <= limit, detail, value=now, threshold=limit, previous=was))
 
     limit = quality.max_rejected_share_rise
     for tree, now in figures["rejected_share"].items():
         was = before["rejected_share"].get(tree)
-        rise = now - was if was is not None else 0.0
+        rise = round(now - was, SHARE_DIGITS) if was is not None else 0.0
         detail = f"{now:.2%} of lines rejected, {was:.2%} {since}: {rise * 100:+.2f} points " \
                  f"(at most +{limit * 100:.2f})" if was is not None \
             else f"{now:.2%} of lines rejected; {NOTHING_EARLIER}"
