@@ -826,6 +826,7 @@ def profile_read(raw: DataFrame, tree: str) -> Dict[str, object]:
     """What one tree's parsed lines hold, in one job: records, rejected ones, JSON objects; of the objects
     that should carry each of REQUIRED_FIELDS, how many do not (missing, null, empty or of the wrong type);
     and per field the schema does not know, how many lines carry it."""
+    judged = raw.withColumn(REASON, _reject_reason(*REJECT_RULES[tree]))
     reason = F.col(REASON)
     is_object = reason.isNull() | ~reason.isin(REASON_MALFORMED, REASON_NOT_UTF8)
     conditions = {"records": F.lit(True), "rejected": reason.isNotNull(), "json_objects": is_object}
@@ -834,7 +835,6 @@ def profile_read(raw: DataFrame, tree: str) -> Dict[str, object]:
         empty = F.col(name).isNull() | (F.trim(F.col(name).cast("string")) == "")
         conditions[f"{name}:expected"] = expected
         conditions[f"{name}:missing"] = expected & empty
-    judged = raw.withColumn(REASON, _reject_reason(*REJECT_RULES[tree]))
     counted = judged.agg(*[F.count(F.when(condition, True)).alias(name) for name, condition in conditions.items()])
     by_name = F.create_map(*[part for name in conditions for part in (F.lit(name), F.col(name))])
     unknown = (

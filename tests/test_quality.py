@@ -409,7 +409,7 @@ def test_a_healthy_delivery_of_a_few_more_days_passes(run_etl, delivery, yesterd
     assert report["tables"]["songplays"]["rows"] > before["tables"]["songplays"]["rows"]
 
 
-PLANTED_SONG = (b'{"num_songs": 1, "artist_id": "ARX", "title": "No id", "duration": 1.0, "year": 0, "label": "Indie"}',
+PLANTED_SONG_LINE = (b'{"num_songs": 1, "artist_id": "ARX", "title": "No id", "duration": 1.0, "label": "Indie"}',
                 etl.REASON_NO_SONG_ID)
 
 
@@ -421,7 +421,7 @@ def test_a_rejected_line_of_each_kind_is_kept_byte_for_byte(run_etl, delivery, t
     day.write_bytes(day.read_bytes() + b"\n" + b"\n".join(line for line, _ in PLANTED_LINES[:2]) + b"\r\n"
                     + b"\n".join(line for line, _ in PLANTED_LINES[2:]) + b"\n")
     song = next((root / etl.SONG_DATA).rglob("*.json")).parent / "TRPLANTED.json"
-    song.write_bytes(PLANTED_SONG[0])
+    song.write_bytes(PLANTED_SONG_LINE[0])
     out = tmp_path / "output"
     result = run_etl("--input", root, "--output", out)
     assert result.returncode == 0, result.stderr
@@ -434,4 +434,4 @@ def test_a_rejected_line_of_each_kind_is_kept_byte_for_byte(run_etl, delivery, t
             kept[base64.b64decode(line) if reject["reason"] == etl.REASON_NOT_UTF8 else line.encode("utf-8")] = \
                 (reject["reason"], reject["source_file"])
     assert kept == {**{line: (reason, f"file:{day}") for line, reason in PLANTED_LINES},
-                    PLANTED_SONG[0]: (PLANTED_SONG[1], f"file:{song}")}
+                    PLANTED_SONG_LINE[0]: (PLANTED_SONG_LINE[1], f"file:{song}")}
