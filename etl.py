@@ -583,10 +583,13 @@ def preflight_s3(settings: Settings) -> None:
 # --------------------------------------------------------------------------- extract
 
 LINE = "line"
-# Lines are split and joined as ISO-8859-1 text, one character per byte, so no byte is lost or changed.
+PIECE = "_piece"  # a line before parse_lines: its text, or its bytes as BYTES_AS_TEXT text (PIECE_IS_TEXT false)
+PIECE_IS_TEXT = "_piece_is_text"
+RAW = "_raw"  # bytes as read: a file's, or a line's
+TEXT = "_text"
+# A file or line that is not valid UTF-8 is split and kept as ISO-8859-1 text, one character per byte, so
+# no byte is lost or changed.
 BYTES_AS_TEXT = "ISO-8859-1"
-RAW_LINE = "_raw_line"  # a line's bytes as BYTES_AS_TEXT text
-LINE_BYTES = "_line_bytes"  # a line's bytes, its line end removed
 NOT_UTF8 = "_not_utf8"
 UNKNOWN_FIELDS = "_unknown_fields"  # the keys of a line's JSON object that its schema does not know
 REPLACEMENT_CHARACTER = "\ufffd"  # what decoding puts for each invalid UTF-8 sequence
@@ -608,47 +611,66 @@ def read_json(spark: SparkSession, path: str, schema: T.StructType, small_files:
         # Lines as text rather than Spark's JSON reader, so that a rejected line can be kept as it arrived.
         # A string cast to binary gives the bytes as read, valid UTF-8 or not.
         lines = reader.option("lineSep", "\n").text(path).select(
-            F.col("_metadata.file_path").alias(SOURCE_FILE),
-            F.decode(F.col("value").cast("binary"), BYTES_AS_TEXT).alias(RAW_LINE),
-        )
-        return parse_lines(lines, schema)
+            F.col("_metadata.file_path").alias(SOURCE_FILE), F.col("value").cast("binary").alias(RAW))
+        piece = F.col(PIECE)
+        without_cr = F.when(piece.endswith("\r"), piece.substr(F.lit(1), F.length(piece) - 1)).otherwise(piece)
+        return parse_lines(_as_pieces(lines).select(SOURCE_FILE, without_cr.alias(PIECE), PIECE_IS_TEXT), schema)
     files = reader.format("binaryFile").load(path).select(F.col("path").alias(SOURCE_FILE), "content")
     return parse_whole_files(files, schema)
 
 
+def _is_utf8(raw: Column, text: Column) -> Column:
+    """Whether raw bytes are valid UTF-8, given text, what decoding them as UTF-8 gave."""
+    # Decoding puts U+FFFD for each invalid sequence: only a text holding one may differ from its bytes.
+    return ~(F.instr(text, REPLACEMENT_CHARACTER) > 0) | (F.encode(text, "UTF-8") == raw)
+
+
+def _as_pieces(frame: DataFrame) -> DataFrame:
+    """(source_file, raw bytes) -> (source_file, piece, piece_is_text): the text, if the bytes are valid
+    UTF-8 (nearly always), else the bytes as BYTES_AS_TEXT text."""
+    decoded = frame.select(F.col(SOURCE_FILE), F.col(RAW), F.decode(F.col(RAW), "UTF-8").alias(TEXT))
+    is_text = _is_utf8(F.col(RAW), F.col(TEXT))
+    return decoded.select(
+        F.col(SOURCE_FILE),
+        F.when(is_text, F.col(TEXT)).otherwise(F.decode(F.col(RAW), BYTES_AS_TEXT)).alias(PIECE),
+        is_text.alias(PIECE_IS_TEXT),
+    )
+
+
 def parse_whole_files(files: DataFrame, schema: T.StructType) -> DataFrame:
     """(source_file, content) rows -> one parsed record per non-blank line, as read_json's readers give."""
-    lines = F.explode(F.split(F.decode(F.col("content"), BYTES_AS_TEXT), "\n"))
-    return parse_lines(files.select(SOURCE_FILE, lines.alias(RAW_LINE)), schema)
+    pieces = _as_pieces(files.select(F.col(SOURCE_FILE), F.col("content").alias(RAW)))
+    lines = F.explode(F.split(F.col(PIECE), "\r?\n"))
+    return parse_lines(pieces.select(SOURCE_FILE, lines.alias(PIECE), PIECE_IS_TEXT), schema)
 
 
 def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
-    """(source_file, raw line) rows -> the line parsed with schema, beside the line as it arrived.
+    """(source_file, piece, piece_is_text) rows, one per line, -> the line parsed with schema, beside the
+    line as it arrived.
 
     A line is the bytes between two line ends (a line end is "\\n" or "\\r\\n"); blank lines are not records.
-    Besides schema's fields: _corrupt_record (the text of a line that does not fit schema), source_file,
-    line (the line's text; for a line that is not valid UTF-8, its bytes in base64), _not_utf8, and
-    _unknown_fields (the keys of the line's JSON object that schema does not know; null if none).
+    A piece is the line's text, or if its file is not valid UTF-8, its bytes as BYTES_AS_TEXT text. Besides
+    schema's fields: _corrupt_record (the text of a line that does not fit schema), source_file, line (the
+    line's text; for a line that is not valid UTF-8, its bytes in base64), _not_utf8, and _unknown_fields
+    (the keys of the line's JSON object that schema does not know; null if none).
     """
-    line_bytes = F.encode(F.regexp_replace(F.col(RAW_LINE), r"\r\z", ""), BYTES_AS_TEXT)
-    text = F.decode(F.col(LINE_BYTES), "UTF-8")
-    # Decoding replaces each invalid sequence with U+FFFD: only a text holding one may differ from its bytes.
-    not_utf8 = (F.instr(F.col(LINE), REPLACEMENT_CHARACTER) > 0) \
-        & (F.encode(F.col(LINE), "UTF-8") != F.col(LINE_BYTES))
+    line_bytes = F.encode(F.col(PIECE), BYTES_AS_TEXT)
+    text = F.when(F.col(PIECE_IS_TEXT), F.col(PIECE)).otherwise(F.decode(line_bytes, "UTF-8"))
+    # A line of a file that is not UTF-8 may be: it is judged on its own.
+    not_utf8 = ~F.col(PIECE_IS_TEXT) & ~_is_utf8(line_bytes, F.col(LINE))
+    # JSON text is UTF-8: a line that is not is kept as base64, which its reason says (in one piece: Spark
+    # 3.5's base64 breaks its output into lines MIME-style).
+    base64 = F.translate(F.base64(line_bytes), "\r\n", "")
     unknown = F.array_except(F.json_object_keys(F.col(LINE)), F.array(*[F.lit(name) for name in schema.fieldNames()]))
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
     return (
-        lines.select(SOURCE_FILE, line_bytes.alias(LINE_BYTES))
-        .select(SOURCE_FILE, LINE_BYTES, text.alias(LINE))
+        lines.select(F.col(SOURCE_FILE), F.col(PIECE), F.col(PIECE_IS_TEXT), text.alias(LINE))
         .filter(F.trim(F.col(LINE)) != "")  # blank lines are not records
-        .select(SOURCE_FILE, LINE_BYTES, LINE, not_utf8.alias(NOT_UTF8))
+        .select(SOURCE_FILE, PIECE, LINE, not_utf8.alias(NOT_UTF8))
         .select(
             F.from_json(F.col(LINE), _with_corrupt_record(schema), options).alias("record"),
             F.col(SOURCE_FILE),
-            # JSON text is UTF-8: a line that is not is kept as base64, which its reason says (in one piece:
-            # Spark 3.5's base64 breaks its output into lines MIME-style).
-            F.when(F.col(NOT_UTF8), F.translate(F.base64(F.col(LINE_BYTES)), "\r\n", ""))
-            .otherwise(F.col(LINE)).alias(LINE),
+            F.when(F.col(NOT_UTF8), base64).otherwise(F.col(LINE)).alias(LINE),
             F.col(NOT_UTF8),
             F.when(F.size(unknown) > 0, unknown).alias(UNKNOWN_FIELDS),
         )
