@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from pyspark.sql import SparkSession  # noqa: E402
 
 import etl  # noqa: E402
+from lake.plan import JARS_DIR
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +63,12 @@ def event_records(spark):
 
 ETL = str(ROOT / "etl.py")
 SAMPLE = ROOT / "data"
-JARS_MANIFEST = Path(etl.JARS_DIR) / "maven-jars.txt"  # tools/get_jars.py writes it; the Makefile reads it
+JARS_MANIFEST = Path(JARS_DIR) / "maven-jars.txt"  # tools/get_jars.py writes it; the Makefile reads it
 
 
 def maven_jars():
     """The jars `make setup` resolved from Maven Central, for spark-submit's --jars (README, "spark-submit")."""
-    return [str(Path(etl.JARS_DIR) / name) for name in JARS_MANIFEST.read_text().split()]
+    return [str(Path(JARS_DIR) / name) for name in JARS_MANIFEST.read_text().split()]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import boto3
 from pyspark.testing import assertDataFrameEqual
 
 import etl
+from lake.plan import APP_NAME
+from lake.report import REPORT_NAME
 from conftest import SAMPLE, maven_jars, read_tables
 from test_s3 import download, spark_submit
 
@@ -64,7 +66,7 @@ def test_spark_submit_on_a_standalone_cluster_equals_a_local_run_and_keeps_secre
 
     with urllib.request.urlopen(f"{spark_cluster['web_ui']}/json/") as response:
         apps = json.load(response)["completedapps"]
-    assert [app["name"] for app in apps] == [etl.APP_NAME]  # it ran on the cluster, not in local mode
+    assert [app["name"] for app in apps] == [APP_NAME]  # it ran on the cluster, not in local mode
     assert executors.seen, "no executor process was seen"
     assert all(not name.startswith("AWS_") for names in executors.seen.values() for name in names)
 
@@ -72,7 +74,7 @@ def test_spark_submit_on_a_standalone_cluster_equals_a_local_run_and_keeps_secre
     tables, expected = read_tables(spark, lake), read_tables(spark, sample_output)
     for name in etl.TABLES:
         assertDataFrameEqual(tables[name], expected[name])
-    report = json.loads((lake / etl.REPORT_NAME).read_text())
+    report = json.loads((lake / REPORT_NAME).read_text())
     assert report["status"] == "succeeded" and report["catalog"]["status"] == "registered"
     assert sorted(t["Name"] for t in glue.get_tables(DatabaseName=DATABASE)["TableList"]) == sorted(etl.TABLES)
 

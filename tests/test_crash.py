@@ -1,6 +1,6 @@
 """A killed run never empties a table: SIGKILL at each step, then every table is yesterday's or today's.
 
-A run stops at pause points (SPARKIFY_PAUSE_AT, etl.pause_point) and is killed with SIGKILL to its whole
+A run stops at pause points (SPARKIFY_PAUSE_AT, lake.publish.pause_point) and is killed with SIGKILL to its whole
 process group, Python and JVM alike. SIGKILL lets no code run, so a kill at a pause point leaves the lake
 exactly as it is while the run waits there: one run pauses at every point in turn, the lake is copied at
 each (the run goes on at a line on its stdin), and the run is killed at the last. Tables are read back the
@@ -19,6 +19,10 @@ import pyarrow.dataset as ds
 import pytest
 
 import etl
+from lake.lock import LEASE_NAME
+from lake.publish import PAUSE_ENV
+from lake.report import REPORT_NAME, RUNS_DIR
+from lake.stores import STAGING_DIR
 from conftest import ETL, SAMPLE
 
 PAUSE_TIMEOUT_S = 300
@@ -40,7 +44,7 @@ def make_input(root, days, drop_songs=0):
 
 def start(config, *args, pause=(), env=None):
     """The job in its own process group, pausing at each of the points named in pause."""
-    environment = {**os.environ, **(env or {}), **({etl.PAUSE_ENV: ",".join(pause)} if pause else {})}
+    environment = {**os.environ, **(env or {}), **({PAUSE_ENV: ",".join(pause)} if pause else {})}
     return subprocess.Popen([sys.executable, ETL, "--config", config, *map(str, args)], env=environment,
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             start_new_session=True)
@@ -111,7 +115,7 @@ def assert_each_table_is_one_version(root, old, new):
 
 def staged_leftovers(root):
     return [os.path.join(folder, name) for folder, dirs, files in os.walk(root)
-            for name in dirs + files if name == etl.STAGING_DIR]
+            for name in dirs + files if name == STAGING_DIR]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +168,7 @@ def test_a_kill_leaves_every_table_whole(versions, killed_lakes, moment):
         assert status == 2 and stderr.strip().startswith(f"error: another run is writing to {live}"), stderr
 
     current = assert_each_table_is_one_version(lake, old, new)
-    report = json.loads((lake / etl.REPORT_NAME).read_text())
+    report = json.loads((lake / REPORT_NAME).read_text())
     assert report["status"] == "running" and report["published"] == []
     if moment.startswith("published"):
         assert current[etl.SONGS] == new[etl.SONGS] and current[etl.SONGPLAYS] == old[etl.SONGPLAYS]
@@ -178,13 +182,13 @@ def test_the_next_run_finishes_or_clears_a_killed_one(versions, killed_lakes, em
     live, lakes, _ = killed_lakes
     # A publish journal names the lake's own folder: after the last moment, the next run goes where the run was.
     lake = live if moment == LOCAL_KILLS[-1] else shutil.copytree(lakes[moment], tmp_path / "lake")
-    killed_id = json.loads((lake / etl.REPORT_NAME).read_text())["run_id"]
+    killed_id = json.loads((lake / REPORT_NAME).read_text())["run_id"]
 
     assert run(empty_config, "--input", inputs["new"], "--output", lake)[0] == 0
     assert snapshot(lake) == new and staged_leftovers(lake) == []
-    latest = json.loads((lake / etl.REPORT_NAME).read_text())
+    latest = json.loads((lake / REPORT_NAME).read_text())
     assert latest["status"] == "succeeded"
-    interrupted = json.loads((lake / etl.RUNS_DIR / f"{killed_id}.json").read_text())
+    interrupted = json.loads((lake / RUNS_DIR / f"{killed_id}.json").read_text())
     assert interrupted["status"] == "interrupted"
     if moment.startswith("published"):  # the killed run had started its publish: the next run finished it
         assert sorted(interrupted["published"]) == sorted(latest["published"])
@@ -204,7 +208,7 @@ def s3_versions(versions, s3_endpoint):
     client.create_bucket(Bucket="crash-bucket")
     for name, root in [*inputs.items(), ("lake-old", outputs["old"])]:
         for path in root.rglob("*"):
-            if path.is_file() and not path.name.startswith(".") and etl.RUNS_DIR not in path.parts:
+            if path.is_file() and not path.name.startswith(".") and RUNS_DIR not in path.parts:
                 client.upload_file(str(path), "crash-bucket", f"{name}/{path.relative_to(root).as_posix()}")
     return client, old, new
 
@@ -263,20 +267,20 @@ def test_a_kill_on_s3_leaves_every_table_whole_and_the_next_run_finishes(s3_vers
     assert run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)[0] == 0
     after = download(client, name, tmp_path / "after")
     assert snapshot(after) == new and staged_leftovers(after) == []
-    assert not (after / etl.LEASE_NAME).exists()
+    assert not (after / LEASE_NAME).exists()
 
 
 def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(s3_versions, s3_endpoint, empty_config):
     client, old, new = s3_versions
     lake, env = s3_lake(client, "leased"), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     lease = {"run_id": "20261124T000000Z-deadbeef", "host": "elsewhere", "pid": 1}
-    client.put_object(Bucket="crash-bucket", Key=f"leased/{etl.LEASE_NAME}",
+    client.put_object(Bucket="crash-bucket", Key=f"leased/{LEASE_NAME}",
                       Body=json.dumps({**lease, "expires_at": time.time() + 600}))
     status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
     assert status == 2 and stderr.strip().startswith(
         f"error: another run is writing to {lake} (run 20261124T000000Z-deadbeef on elsewhere"), stderr
 
-    client.put_object(Bucket="crash-bucket", Key=f"leased/{etl.LEASE_NAME}",
+    client.put_object(Bucket="crash-bucket", Key=f"leased/{LEASE_NAME}",
                       Body=json.dumps({**lease, "expires_at": time.time() - 1}))
     status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
     assert status == 0 and "taking over the stale lease of run 20261124T000000Z-deadbeef" in stderr

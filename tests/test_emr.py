@@ -9,6 +9,7 @@ import boto3
 import pytest
 
 import etl
+from lake.report import REPORT_NAME
 from conftest import ROOT
 
 LAUNCHER = str(ROOT / "tools" / "emr.py")
@@ -112,7 +113,7 @@ def test_a_step_that_does_not_complete_is_a_non_zero_exit_with_the_run_report(cl
                                   ServiceRole="EMR_DefaultRole", Instances={
                                       "MasterInstanceType": "m5.xlarge", "InstanceCount": 1,
                                       "KeepJobFlowAliveWhenNoSteps": True})["JobFlowId"]
-    clients["s3"].put_object(Bucket="emr-lake", Key=f"lake/{etl.REPORT_NAME}",
+    clients["s3"].put_object(Bucket="emr-lake", Key=f"lake/{REPORT_NAME}",
                              Body=json.dumps({"status": "failed", "error": "killed"}).encode())
     process = launch(*ARGS, "--config", config, "--cluster-id", cluster_id, "--poll-seconds", "0.2",
                      env=aws_env, wait_for_output=True)
@@ -177,9 +178,9 @@ def test_the_end_of_a_launch_prints_the_run_report_and_says_if_the_run_failed(cl
     import emr
 
     s3 = clients["s3"]
-    s3.delete_objects(Bucket="emr-lake", Delete={"Objects": [{"Key": f"finish/{etl.REPORT_NAME}"}]})
+    s3.delete_objects(Bucket="emr-lake", Delete={"Objects": [{"Key": f"finish/{REPORT_NAME}"}]})
     if report is not None:
-        s3.put_object(Bucket="emr-lake", Key=f"finish/{etl.REPORT_NAME}", Body=json.dumps(report).encode())
+        s3.put_object(Bucket="emr-lake", Key=f"finish/{REPORT_NAME}", Body=json.dumps(report).encode())
     assert emr.finish(s3, "s3://emr-lake/finish/", step_failure) == code
     out, err = capsys.readouterr()
     assert (json.loads(out) if out else None) == report

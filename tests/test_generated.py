@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import etl
+from lake.report import REPORT_NAME
 from conftest import ROOT, read_tables
 
 GENERATOR = str(ROOT / "tools" / "generate_data.py")
@@ -31,7 +31,7 @@ def test_job_on_generated_data_across_new_year(spark, run_etl, generated, tmp_pa
     out = tmp_path / "output"
     result = run_etl("--input", generated, "--output", out)
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / etl.REPORT_NAME).read_text())
+    report = json.loads((out / REPORT_NAME).read_text())
     # --junk plants two bad song files and three bad event lines; hidden files are never read.
     assert (report["rejected"]["song_data"], report["rejected"]["log_data"]) == (2, 3)
     assert all(check["passed"] for check in report["checks"])

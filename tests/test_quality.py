@@ -7,6 +7,7 @@ from pathlib import Path
 from pyspark.testing import assertDataFrameEqual
 
 import etl
+from lake.report import REPORT_NAME
 from conftest import SAMPLE, read_tables
 
 CHECK_NAMES = {
@@ -20,7 +21,7 @@ CHECK_NAMES = {
 
 
 def report_of(output):
-    return json.loads((Path(output) / etl.REPORT_NAME).read_text())
+    return json.loads((Path(output) / REPORT_NAME).read_text())
 
 
 def test_report_of_a_good_run(sample_output):

@@ -7,6 +7,8 @@ import pyspark
 import pytest
 
 import etl
+from lake.plan import CLOUD_COMMIT_PROTOCOL, NIO_FILE_SYSTEM, NIO_JAR, S3A_FILE_SYSTEM, SparkSetup, plan_run
+from lake.stores import LocalStore, S3Store
 from conftest import JARS_MANIFEST, maven_jars
 
 SECRET = "sEcReT-setup-never-in-conf"
@@ -17,8 +19,8 @@ PYTHON, SUBMITTED = {}, {"PYSPARK_GATEWAY_PORT": "4242"}
 
 
 def plan(settings, environ=PYTHON, marker=None, nio_built=True):
-    nio_jar = Path(etl.NIO_JAR) if nio_built else Path("/nowhere/sparkify-hadoop.jar")
-    return etl.plan_spark(settings, environ, marker, nio_jar=str(nio_jar))
+    nio_jar = Path(NIO_JAR) if nio_built else Path("/nowhere/sparkify-hadoop.jar")
+    return plan_run(settings, environ, marker, nio_jar=str(nio_jar))
 
 
 def bundled_version(artifact):
@@ -37,21 +39,21 @@ def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
 
 
 def test_local_run_started_by_python_uses_the_nio_file_system():
-    chosen = plan(LOCAL)
-    assert chosen.conf == {"spark.driver.extraClassPath": etl.NIO_JAR, "spark.hadoop.fs.file.impl": etl.NIO_FILE_SYSTEM,
+    chosen = plan(LOCAL).spark
+    assert chosen.conf == {"spark.driver.extraClassPath": NIO_JAR, "spark.hadoop.fs.file.impl": NIO_FILE_SYSTEM,
                            "spark.pyspark.python": sys.executable}  # song files are read in Python workers
     assert chosen.summary == "local paths; local files through java.nio (no chmod process per file)"
 
 
 def test_an_unbuilt_nio_jar_is_named_as_the_reason():
-    chosen = plan(LOCAL, nio_built=False)
+    chosen = plan(LOCAL, nio_built=False).spark
     assert chosen.conf == {"spark.pyspark.python": sys.executable}
     assert "/nowhere/sparkify-hadoop.jar not built: run `make setup`" in chosen.summary
 
 
 def test_s3_output_under_python_is_spooled_on_local_disk_and_needs_no_s3a():
-    chosen = plan(ON_S3)
-    assert chosen.spool
+    assert plan(ON_S3).spool
+    chosen = plan(ON_S3).spark
     assert not [key for key in chosen.conf if "s3a" in key or "commit" in key or key == "spark.jars"], chosen.conf
     assert chosen.secrets == {} and chosen.needed_classes == {}
     assert "S3 output written to local disk, then PUT by boto3 (64 in flight)" in chosen.summary
@@ -62,36 +64,39 @@ def test_s3_output_under_python_is_spooled_on_local_disk_and_needs_no_s3a():
 
 def test_s3_input_off_emr_is_listed_and_fetched_by_workers_running_this_python():
     chosen = plan(ON_S3)
-    assert chosen.listing == etl.S3Listing(ON_S3.aws)
-    assert chosen.conf["spark.pyspark.python"] == sys.executable  # it has boto3: the preflight used it
-    assert chosen.summary.startswith("S3 input listed flat and fetched in the plan")
-    assert "spark.pyspark.python" not in plan(ON_S3, {"PYSPARK_PYTHON": "/opt/py"}).conf  # the user's wins
-    assert "spark.pyspark.python" not in plan(ON_S3, SUBMITTED).conf
+    assert chosen.listed_trees == {"song_data", "log_data"} and isinstance(chosen.input_store, S3Store)
+    assert chosen.spark.conf["spark.pyspark.python"] == sys.executable  # it has boto3: the preflight used it
+    assert chosen.spark.summary.startswith("S3 input listed flat and fetched in the plan")
+    assert "spark.pyspark.python" not in plan(ON_S3, {"PYSPARK_PYTHON": "/opt/py"}).spark.conf  # the user's wins
+    assert "spark.pyspark.python" not in plan(ON_S3, SUBMITTED).spark.conf
     local_input = etl.Settings("/in", "s3a://lake/x", "s3a://lake/x/_rejected", aws=ON_S3.aws)
-    assert plan(local_input).listing is None and plan(LOCAL).listing is None
+    # Local input: only the many tiny song files are listed; the day-sized logs go to Spark's line reader.
+    assert plan(local_input).listed_trees == plan(LOCAL).listed_trees == {"song_data"}
+    assert isinstance(plan(local_input).input_store, LocalStore)
 
 
 def test_spark_submit_brings_its_own_jars_which_are_checked_once_spark_is_up():
-    chosen = plan(ON_S3, SUBMITTED)
+    chosen = plan(ON_S3, SUBMITTED).spark
     # The master may be a cluster, whose tasks share no disk with the driver: S3A's magic committer writes.
     assert chosen.conf["spark.hadoop.fs.s3a.committer.name"] == "magic"
-    assert chosen.conf["spark.sql.sources.commitProtocolClass"] == etl.CLOUD_COMMIT_PROTOCOL
+    assert chosen.conf["spark.sql.sources.commitProtocolClass"] == CLOUD_COMMIT_PROTOCOL
     assert chosen.conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
     assert chosen.secrets == {"fs.s3a.access.key": "AKIA", "fs.s3a.secret.key": SECRET}
     assert "spark.jars" not in chosen.conf and "spark.driver.extraClassPath" not in chosen.conf
-    assert set(chosen.needed_classes) == {etl.S3A_FILE_SYSTEM, etl.CLOUD_COMMIT_PROTOCOL}
+    assert set(chosen.needed_classes) == {S3A_FILE_SYSTEM, CLOUD_COMMIT_PROTOCOL}
     assert "spark-submit fixes the driver's classpath" in chosen.summary
 
 
 @pytest.mark.parametrize("settings", [LOCAL, ON_S3], ids=["local", "s3"])
 def test_emr_is_left_to_its_own_set_up(settings):
     chosen = plan(settings, marker="/mnt/var/lib/info/job-flow.json")
-    assert chosen == etl.SparkPlan(summary="EMR (/mnt/var/lib/info/job-flow.json): S3, committers and local "
-                                           "files are left to EMR's own set-up")
+    assert chosen.spark == SparkSetup(summary="EMR (/mnt/var/lib/info/job-flow.json): S3, committers "
+                                                        "and local files are left to EMR's own set-up")
+    assert chosen.listed_trees == frozenset() and not chosen.spool  # EMRFS reads and writes
 
 
 @pytest.mark.parametrize("environ", [PYTHON, SUBMITTED], ids=["python", "spark-submit"])
 def test_secrets_never_reach_the_builder_settings_or_the_log(environ):
-    chosen = plan(ON_S3, environ)
+    chosen = plan(ON_S3, environ).spark
     assert SECRET not in repr(chosen) and SECRET not in chosen.summary
     assert SECRET not in "".join(chosen.conf.values())

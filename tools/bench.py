@@ -30,7 +30,7 @@ SEED = 42
 DUCKDB_THREADS = 2  # this machine's cores, as our job's local[*] uses them
 # The floor: read every input byte and write every output byte, one file at a time, with no work between.
 FLOOR = 'find "$1" -name "*.json" -print0 | xargs -0 cat > /dev/null && mkdir -p "$3" && cp -r "$2"/. "$3"'
-TABLE_NAMES = tuple(compare_tables.TABLE_COLUMNS)
+TABLE_NAMES = tuple(compare_tables.SPECS)
 SONGS_BY_YEAR = "[LAYOUT]\nSONGS_PARTITION_BY = year\n"
 
 

@@ -20,6 +20,9 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import etl  # noqa: E402  (its config reader and constants: one definition of dl.cfg)
+from lake.errors import one_line  # noqa: E402
+from lake.paths import is_s3, split_s3  # noqa: E402
+from lake.report import REPORT_NAME  # noqa: E402
 
 # Defaults: EMR 7 runs Spark 3.5 and Python 3.9, as the job expects; the default roles are what
 # `aws emr create-default-roles` makes.
@@ -77,7 +80,7 @@ def settings(args: argparse.Namespace, config: Dict[str, Dict[str, str]]) -> Dic
     if not chosen["CODE"].startswith("s3://"):
         raise LaunchError("--code must be an s3:// prefix (or set CODE in dl.cfg [EMR])")
     for flag, path in (("--input", args.input), ("--output", args.output)):
-        if not etl.is_s3(path):
+        if not is_s3(path):
             raise LaunchError(f"{flag} must be an S3 prefix on EMR: {path}")
     if not chosen["INSTANCE_COUNT"].isdigit() or int(chosen["INSTANCE_COUNT"]) < 1:
         raise LaunchError(f"instance count must be a whole number of at least 1: {chosen['INSTANCE_COUNT']}")
@@ -97,7 +100,7 @@ def blank_secrets(config: Dict[str, Dict[str, str]]) -> str:
 
 
 def s3_location(uri: str) -> Dict[str, str]:
-    bucket, key = etl.split_s3(uri)
+    bucket, key = split_s3(uri)
     return {"Bucket": bucket, "Key": key}
 
 
@@ -200,7 +203,7 @@ def wait(emr, cluster_id: str, step_id: str, poll_seconds: float) -> Optional[st
 
 def run_report(s3, output: str) -> Optional[dict]:
     try:
-        body = s3.get_object(**s3_location(etl.join(output.rstrip("/"), etl.REPORT_NAME)))["Body"].read()
+        body = s3.get_object(**s3_location(etl.join(output.rstrip("/"), REPORT_NAME)))["Body"].read()
     except s3.exceptions.NoSuchKey:
         return None
     return json.loads(body)
@@ -258,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # AWS refusing a call (roles, quotas, a bad cluster id): one line
-        print(f"error: {etl._one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
