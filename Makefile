@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 JARS    = $(shell sed 's|^|.jars/|' .jars/maven-jars.txt | paste -sd, -)
 
-.PHONY: setup run submit emr test bench bench-s3 clean
+.PHONY: setup run submit emr lint test bench bench-s3 clean
 
 setup: $(STAMP)
 
@@ -33,11 +33,14 @@ submit: setup
 emr: setup
 	$(PY) tools/emr.py $(ARGS)
 
-test: setup
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf output .pytest_cache
+	rm -rf output .pytest_cache .ruff_cache
 
 # Not part of `make test`: minutes of generated data and runs. Writes bench/results.json.
 bench: setup

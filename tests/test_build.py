@@ -257,7 +257,8 @@ def test_split_events_rejects_bad_lines_and_keeps_good_ones(spark, tmp_path):
     ], REJECTS_SCHEMA)
     assertDataFrameEqual(rejects, expected)
     assertDataFrameEqual(clean.select("ts", "userId", "page"),
-                         spark.createDataFrame([(1541105830796, "39", "NextSong")], "ts long, userId string, page string"))
+                         spark.createDataFrame([(1541105830796, "39", "NextSong")],
+                                               "ts long, userId string, page string"))
 
 
 def test_split_songs_rejects_songs_without_song_id(spark, song_records):

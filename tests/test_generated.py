@@ -38,5 +38,6 @@ def test_job_on_generated_data_across_new_year(spark, run_etl, generated, tmp_pa
     tables = read_tables(spark, out)
     months = sorted(tuple(row) for row in tables["songplays"].select("year", "month").distinct().collect())
     assert months == [(2018, 12), (2019, 1)]
-    assert tables["time"].filter("year = 2018 and month = 12 and day = 31").select("week").distinct().collect()[0][0] == 1
+    new_years_eve = tables["time"].filter("year = 2018 and month = 12 and day = 31")
+    assert new_years_eve.select("week").distinct().collect()[0][0] == 1
     assert tables["songplays"].filter("song_id is not null").count() > 100  # the generator plants catalogue plays

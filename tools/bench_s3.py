@@ -47,8 +47,8 @@ def start_servers(delay_ms):
             break
         except OSError:
             time.sleep(0.1)
-    proxy = subprocess.Popen([PY, str(ROOT / "tools" / "s3_proxy.py"), server, "--delay-ms", str(delay_ms), "--journal"],
-                             stdout=subprocess.PIPE, text=True)
+    proxy = subprocess.Popen([PY, str(ROOT / "tools" / "s3_proxy.py"), server, "--delay-ms", str(delay_ms),
+                              "--journal"], stdout=subprocess.PIPE, text=True)
     return server, proxy.stdout.readline().split()[-1], [moto, proxy]
 
 
@@ -126,8 +126,8 @@ def run_ours(name, proxy, s3, work):
     config = work / "empty.cfg"
     config.write_text("[AWS]\n[PATHS]\n")
     control(proxy, "reset", "POST")
-    figures = measure([PY, ROOT / "etl.py", "--config", config, "--input", f"s3://bench-in/{name}/", "--output", output],
-                      work / f"{name}-ours.log", {**KEYS, "AWS_ENDPOINT_URL": proxy})
+    figures = measure([PY, ROOT / "etl.py", "--config", config, "--input", f"s3://bench-in/{name}/",
+                       "--output", output], work / f"{name}-ours.log", {**KEYS, "AWS_ENDPOINT_URL": proxy})
     counts, journal = control(proxy, "counts"), control(proxy, "journal")["journal"]
     report = json.loads(s3.get_object(Bucket="bench-lake", Key=f"{name}-ours/_run_report.json")["Body"].read())
     objects = len(keys(s3, "bench-lake", f"{name}-ours/"))
@@ -178,7 +178,8 @@ def table(runs):
         if base and base["wall_s"]:
             base_text, ratio = f"{base['wall_s']} s", f"{base['wall_s'] / ours['wall_s']:.1f}x"
         elif base:
-            base_text, ratio = f"> {base['timed_out_after_s']} s", f"> {base['timed_out_after_s'] / ours['wall_s']:.1f}x"
+            base_text = f"> {base['timed_out_after_s']} s"
+            ratio = f"> {base['timed_out_after_s'] / ours['wall_s']:.1f}x"
         else:
             base_text = ratio = "not run"
         rows.append(f"| {name} | {ours['wall_s']} s | {floor['wall_s']} s | {ours['wall_s'] / floor['wall_s']:.2f}x "
