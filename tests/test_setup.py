@@ -7,7 +7,7 @@ import pyspark
 import pytest
 
 import etl
-from conftest import JARS_MANIFEST, maven_jars
+from conftest import JARS_MANIFEST, s3_jars
 
 SECRET = "sEcReT-setup-never-in-conf"
 LOCAL = etl.Settings("/in", "/out", "/out/_rejected")
@@ -29,11 +29,13 @@ def bundled_version(artifact):
 
 def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
     """Hadoop's S3A documentation: hadoop-aws must match hadoop-common exactly."""
-    names = JARS_MANIFEST.read_text().split()
-    aws = [name for name in names if name.startswith("hadoop-aws-")]
-    assert aws == [f"hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
-    assert f"spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
-    assert all(Path(jar).is_file() for jar in maven_jars())
+    names = JARS_MANIFEST.read_text().split()  # as Spark's Ivy names them: <group>_<artifact>-<version>.jar
+    aws = [name for name in names if "_hadoop-aws-" in name]
+    assert aws == [f"org.apache.hadoop_hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
+    assert f"org.apache.spark_spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
+    assert all(Path(jar).is_file() for jar in s3_jars())
+    # spark-hadoop-cloud alone: none of its dependencies (other clouds' connectors, Hadoop's client again).
+    assert not [name for name in names if re.search(r"azure|aliyun|gcs-connector|openstack|hadoop-client", name)]
 
 
 def test_local_run_started_by_python_uses_the_nio_file_system():

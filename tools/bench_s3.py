@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (generate, machine, the memory probe)
+import get_jars  # noqa: E402  (the S3 jars `make setup` resolved)
 
 ROOT = bench.ROOT
 PY = sys.executable
@@ -158,7 +159,7 @@ def run_floor(name, proxy, objects):
 
 
 def run_baseline(name, proxy, work, timeout_s):
-    jars = ",".join(str(ROOT / ".jars" / jar) for jar in (ROOT / ".jars" / "maven-jars.txt").read_text().split())
+    jars = ",".join(get_jars.jar_paths())
     conf = {"fs.s3a.endpoint": proxy, "fs.s3a.path.style.access": "true", "fs.s3a.connection.ssl.enabled": "false"}
     submit = " ".join([f"--jars {jars}", *(f"--conf spark.hadoop.{k}={v}" for k, v in conf.items()), "pyspark-shell"])
     figures = measure([PY, ROOT / "tools" / "baseline_etl.py", f"s3a://bench-in/{name}/", f"s3a://bench-lake/{name}-baseline/"],
