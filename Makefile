@@ -14,7 +14,7 @@ JARS    = $(shell $(PY) tools/get_jars.py --jars)
 # Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 
-.PHONY: setup run submit emr lint test bench bench-s3 clean
+.PHONY: setup run submit emr lint check test bench bench-s3 clean
 
 setup: $(STAMP) $(JARS_MANIFEST)
 
@@ -45,6 +45,10 @@ emr: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The fast lane (rules, CLI, settings: tests marked `check`), under 2 minutes. `make test` runs everything.
+check: setup lint
+	$(PY) -m pytest -m check
 
 test: setup lint
 	$(PY) -m pytest

@@ -6,6 +6,8 @@ from pyspark.testing import assertDataFrameEqual
 
 import etl
 
+pytestmark = pytest.mark.check  # `make check`: the builders' rules
+
 USERS_SCHEMA = "user_id long, first_name string, last_name string, gender string, level string"
 SONGS_SCHEMA = "song_id string, title string, artist_id string, year int, duration double"
 ARTISTS_SCHEMA = "artist_id string, name string, location string, latitude double, longitude double"

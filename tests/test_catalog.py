@@ -118,6 +118,7 @@ def test_a_glue_failure_is_one_line_and_the_tables_stay_published(run_etl, aws, 
     assert any(item["Key"].endswith(".parquet") for item in listed["Contents"])
 
 
+@pytest.mark.check  # `make check`: a setting, refused before Spark starts
 @pytest.mark.parametrize("database, output, message", [
     (DATABASE, "local-out", f"[CATALOG] DATABASE = {DATABASE} needs an S3 output root (Athena reads only S3)"),
     ("Sparkify-DB", "s3://catalog-lake/x", "DATABASE in [CATALOG] of"),

@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.check  # `make check`: a static check, like `make lint`
 
 EMR_PYTHON = "3.9"
 VERMIN = [os.path.join(os.path.dirname(sys.executable), "vermin"), f"--target={EMR_PYTHON}-", "--violations",

@@ -9,6 +9,8 @@ import pytest
 import etl
 from conftest import JARS_MANIFEST, s3_jars
 
+pytestmark = pytest.mark.check  # `make check`: Spark's set-up, decided before it starts
+
 SECRET = "sEcReT-setup-never-in-conf"
 LOCAL = etl.Settings("/in", "/out", "/out/_rejected")
 ON_S3 = etl.Settings("s3://in", "s3a://lake/x", "s3a://lake/x/_rejected",
