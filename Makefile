@@ -11,10 +11,12 @@ STAMP  := $(VENV)/.installed
 # (local files, python etl.py) needs none of them, so it does not: a slow download never holds it up.
 JARS_MANIFEST := .ivy2/sparkify-jars.txt
 JARS    = $(shell $(PY) tools/get_jars.py --jars)
+# The lake/ package beside etl.py, for spark-submit's --py-files (tools/dist.py).
+DIST   := dist/lake.zip
 # Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 
-.PHONY: setup run submit emr lint check test bench bench-s3 clean
+.PHONY: setup run submit emr dist lint check test bench bench-s3 clean
 
 setup: $(STAMP) $(JARS_MANIFEST)
 
@@ -35,13 +37,17 @@ $(JARS_MANIFEST): $(STAMP) tools/get_jars.py
 run: $(STAMP)
 	$(PY) etl.py
 
-# The same job under spark-submit, with the jars `make setup` resolved; ARGS go to etl.py.
-submit: setup
-	PYSPARK_PYTHON=$(PY) $(VENV)/bin/spark-submit $(QUIET) --jars $(JARS) etl.py $(ARGS)
+# The same job under spark-submit, with the jars `make setup` resolved and the package; ARGS go to etl.py.
+submit: setup dist
+	PYSPARK_PYTHON=$(PY) $(VENV)/bin/spark-submit $(QUIET) --jars $(JARS) --py-files $(DIST) etl.py $(ARGS)
 
-# The job on Amazon EMR (tools/emr.py, boto3): ARGS="--code s3://... --input s3://... --output s3://..."
+# The job on Amazon EMR (tools/emr.py, boto3; it zips lake/ itself): ARGS="--code s3://... --input s3://... --output s3://..."
 emr: $(STAMP)
 	$(PY) tools/emr.py $(ARGS)
+
+# Built anew each time (milliseconds): a file removed from lake/ never lingers in the zip.
+dist:
+	$(PYTHON) tools/dist.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -54,7 +60,7 @@ test: setup lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf output .pytest_cache .ruff_cache
+	rm -rf output dist .pytest_cache .ruff_cache
 
 # Not part of `make test`: minutes of generated data and runs. Writes bench/results.json.
 bench: setup

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from pyspark.sql import SparkSession  # noqa: E402
 
+import dist  # noqa: E402  (tools/dist.py: the package zipped for --py-files, as `make dist` does)
 import etl  # noqa: E402
 import get_jars  # noqa: E402  (tools/get_jars.py: where `make setup` put the S3 jars)
 
@@ -70,6 +71,11 @@ JARS_MANIFEST = get_jars.IVY_DIR / get_jars.MANIFEST  # tools/get_jars.py writes
 def s3_jars():
     """The jars `make setup` resolved (Spark's Ivy, in .ivy2/), for spark-submit's --jars (README, "spark-submit")."""
     return get_jars.jar_paths()
+
+
+def py_files():
+    """spark-submit's --py-files with the lake/ package beside etl.py, zipped anew as `make submit` passes it."""
+    return ["--py-files", str(dist.build())]
 
 
 @pytest.fixture(scope="session")
