@@ -6,6 +6,8 @@ from pyspark.testing import assertDataFrameEqual
 
 import etl
 
+pytestmark = pytest.mark.check  # `make check`: the builders' rules
+
 USERS_SCHEMA = "user_id long, first_name string, last_name string, gender string, level string"
 SONGS_SCHEMA = "song_id string, title string, artist_id string, year int, duration double"
 ARTISTS_SCHEMA = "artist_id string, name string, location string, latitude double, longitude double"
@@ -257,7 +259,8 @@ def test_split_events_rejects_bad_lines_and_keeps_good_ones(spark, tmp_path):
     ], REJECTS_SCHEMA)
     assertDataFrameEqual(rejects, expected)
     assertDataFrameEqual(clean.select("ts", "userId", "page"),
-                         spark.createDataFrame([(1541105830796, "39", "NextSong")], "ts long, userId string, page string"))
+                         spark.createDataFrame([(1541105830796, "39", "NextSong")],
+                                               "ts long, userId string, page string"))
 
 
 def test_split_songs_rejects_songs_without_song_id(spark, song_records):

@@ -7,8 +7,8 @@ from pathlib import Path
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from lake.report import REPORT_NAME
 from conftest import SAMPLE, read_tables
+from lake.report import REPORT_NAME
 
 CHECK_NAMES = {
     "songs is not empty", "artists is not empty", "users is not empty", "time is not empty",
@@ -65,7 +65,8 @@ def test_planted_bad_lines_are_counted_and_kept_exactly(spark, run_etl, sample_o
     assert (report["rejected"]["song_data"], report["rejected"]["log_data"]) == (1, len(PLANTED_EVENTS))
     assert report["input"]["log_events"] == 8056 + len(PLANTED_EVENTS)  # blank lines are not records
     kept = spark.read.json(report["rejected"]["path"] + "/log_data").select("line", "reason", "source_file")
-    expected = spark.createDataFrame([(kept_as or line, reason, f"file:{day}") for line, reason, kept_as in PLANTED_EVENTS],
+    expected = spark.createDataFrame([(kept_as or line, reason, f"file:{day}")
+                                      for line, reason, kept_as in PLANTED_EVENTS],
                                      "line string, reason string, source_file string")
     assertDataFrameEqual(kept, expected)
     kept_songs = spark.read.json(report["rejected"]["path"] + "/song_data").select("reason", "source_file")
