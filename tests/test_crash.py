@@ -284,3 +284,30 @@ def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(s3_vers
                       Body=json.dumps({**lease, "expires_at": time.time() - 1}))
     status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
     assert status == 0 and "taking over the stale lease of run 20261124T000000Z-deadbeef" in stderr
+
+
+def test_a_run_that_lost_its_lease_publishes_nothing(s3_versions, s3_endpoint, empty_config, tmp_path):
+    """The run is paused at the gate while another run takes its lease over (as one would that found it
+    stale: the paused run's clock, say, or a stalled machine); resumed, it stops at its publish."""
+    client, old, _ = s3_versions
+    lake, env = s3_lake(client, "lost-lease"), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, pause=["gate"], env=env)
+    try:
+        wait_for_pause(process, "gate")
+        thief = {"run_id": "20261129T000000Z-0123abcd", "host": "elsewhere", "pid": 1, "token": "thief",
+                 "expires_at": time.time() + 600}
+        client.put_object(Bucket="crash-bucket", Key=f"lost-lease/{LEASE_NAME}", Body=json.dumps(thief))
+        resume(process)
+        stderr = process.stderr.read()
+        status = process.wait(timeout=PAUSE_TIMEOUT_S)
+    finally:
+        kill(process)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 1 and errors == [stderr.strip().splitlines()[-1]], stderr[-3000:]
+    assert "lost its lease" in errors[0] and "run 20261129T000000Z-0123abcd on elsewhere" in errors[0], errors
+    assert errors[0].endswith("; nothing was published"), errors
+
+    after = download(client, "lost-lease", tmp_path / "after")
+    assert snapshot(after) == old and staged_leftovers(after) == []
+    assert json.loads((after / LEASE_NAME).read_text())["run_id"] == thief["run_id"]
+    assert json.loads((after / REPORT_NAME).read_text())["status"] == "running"  # the latest is not the loser's to end
