@@ -34,7 +34,7 @@ from lake.errors import EtlError, one_line
 from lake.lock import Lock
 from lake.paths import join, normalize_root
 from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
-from lake.publish import journal_path, pause_point, publish, recover
+from lake.publish import journal_path, open_staging, pause_point, publish, recover
 from lake.report import Check, RunReport, begin_report, end_report, phase
 from lake.stores import Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
@@ -815,6 +815,7 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
     LOG.info("Spark set-up: %s", plan.spark.summary)
     try:
         finished = recover(store, roots, settings.output_root, lock)
+        open_staging(store, settings.output_root, report.run_id)
         begin_report(store, report, finished)
     except Exception as exc:
         print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
