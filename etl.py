@@ -31,9 +31,10 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from lake.aws import AwsSettings
 from lake.catalog import DATABASE_PATTERN, register_catalog
 from lake.errors import EtlError, one_line
+from lake.lock import Lock
 from lake.paths import join, normalize_root
 from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
-from lake.publish import pause_point, publish, recover
+from lake.publish import journal_path, open_staging, pause_point, publish, recover
 from lake.report import Check, RunReport, begin_report, end_report, phase
 from lake.stores import Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
@@ -725,8 +726,10 @@ def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Dict[st
     return tables
 
 
-def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport) -> bool:
-    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
+def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
+            lock: Optional[Lock] = None) -> bool:
+    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published. A run
+    that no longer holds the lake (lock) publishes nothing more."""
     store = plan.output_store
     songs, song_rejects, events, event_rejects = extract(spark, settings, report, plan)
     tables = transform(songs, events, report)
@@ -743,7 +746,7 @@ def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunR
               settings, report, store, spool)
     require_staged_data(store, settings, to_publish, report.run_id)
     with phase(report, "publish") as counts:
-        publish(store, units(settings, to_publish), report.run_id, settings.output_root)
+        publish(store, units(settings, to_publish), report.run_id, settings.output_root, lock)
         report.published = [unit.final() for unit in units(settings, to_publish)]
         counts["folders"] = len(report.published)
     report.status = "failed" if failed else "succeeded"
@@ -794,7 +797,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: cannot lock {settings.output_root}: {one_line(exc)}", file=sys.stderr)
         return 1
     try:
-        code = locked_run(settings, plan, report)
+        code = locked_run(settings, plan, report, lock)
     finally:
         try:
             lock.release()
@@ -805,13 +808,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
 
-def locked_run(settings: Settings, plan: RunPlan, report: RunReport) -> int:
+def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optional[Lock] = None) -> int:
     """Everything after the lock: recovery, the run, and a report that says at every moment what is true."""
     store, roots = plan.output_store, staging_roots(settings)
     LOG.info("input %s -> output %s, run %s", settings.input_root, settings.output_root, report.run_id)
     LOG.info("Spark set-up: %s", plan.spark.summary)
     try:
-        finished = recover(store, roots, settings.output_root)
+        finished = recover(store, roots, settings.output_root, lock)
+        open_staging(store, settings.output_root, report.run_id)
         begin_report(store, report, finished)
     except Exception as exc:
         print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
@@ -821,13 +825,13 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport) -> int:
             spark = create_spark_session(plan)
     except Exception as exc:  # no Java, say, or jars missing; nothing has been read or written yet
         report.error = str(exc) if isinstance(exc, EtlError) else f"cannot start Spark: {one_line(exc)}"
-        code = end_report(store, report, roots, 2 if isinstance(exc, EtlError) else 1)
+        code = end_report(store, report, roots, 2 if isinstance(exc, EtlError) else 1, lock)
         print(f"error: {report.error}", file=sys.stderr)  # last, so it is the line a user sees
         return code
     try:
-        code = 0 if run_job(spark, settings, plan, report) else 1
+        code = 0 if run_job(spark, settings, plan, report, lock) else 1
     except Exception as exc:  # the report must still say the run failed
-        report.error = one_line(exc)
+        report.error = str(exc) if isinstance(exc, EtlError) else one_line(exc)
         LOG.error("run failed: %s", report.error)
         code = 1
     finally:
@@ -839,17 +843,25 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport) -> int:
     if report.catalog.get("status") == "failed":
         report.error_line = (f"the tables are published, but registering them in the Glue Data Catalog "
                              f"(database {settings.catalog_database}) failed: {report.catalog['error']}")
-    return end_report(store, report, roots, code)
+    return end_report(store, report, roots, code, lock)
 
 
 def failure_line(report: RunReport, settings: Settings, plan: RunPlan) -> str:
     """What stopped the run, in one line: where it was, and whether anything was published."""
     where = f"the run stopped in '{report.current_phase}'" if report.current_phase else "the run stopped"
-    published = "publishing was cut short (the next run completes it)" if report.current_phase == "publish" \
-        else "nothing was published"
     # A failed run may be a lost endpoint: one quick request to each store says so.
     lost = plan.output_store.unreachable(settings.output_root) or plan.input_store.unreachable(settings.input_root)
+    cut_short = report.current_phase == "publish" and (bool(lost) or _journal_left(plan.output_store, settings, report))
+    published = "publishing was cut short (the next run completes it)" if cut_short else "nothing was published"
     return f"{lost}: {where}; {published}" if lost else f"{where}: {report.error}; {published}"
+
+
+def _journal_left(store: Store, settings: Settings, report: RunReport) -> bool:
+    """A publish is under way once its journal is written, until it is finished or undone (the journal goes)."""
+    try:
+        return store.read_json(journal_path(settings.output_root, report.run_id)) is not None
+    except Exception:  # cannot tell: say what the next run will do if it is
+        return True
 
 
 def staging_roots(settings: Settings) -> List[str]:

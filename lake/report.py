@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 from lake.errors import one_line
+from lake.lock import Lock
 from lake.paths import join
 from lake.publish import clear_staging
 from lake.stores import Store
@@ -103,15 +104,18 @@ def begin_report(store: Store, report: RunReport, finished: Mapping[str, List[st
     store.write_json(latest, report.document())
 
 
-def end_report(store: Store, report: RunReport, staging_roots: Sequence[str], code: int) -> int:
-    """Clears this run's staging, then files the final report; returns the exit code."""
+def end_report(store: Store, report: RunReport, staging_roots: Sequence[str], code: int,
+               lock: Optional[Lock] = None) -> int:
+    """Clears this run's staging, then files the final report; returns the exit code. A run that lost the
+    lake to another run files its report under _runs/ only: the latest report is the new holder's."""
     if report.status == "running":
         report.status = "failed"
     document = report.document()
     try:
         clear_staging(store, staging_roots, report.output_root, report.run_id)
         store.write_json(join(report.output_root, RUNS_DIR, f"{report.run_id}.json"), document)
-        store.write_json(join(report.output_root, REPORT_NAME), document)
+        if not (lock and lock.lost):
+            store.write_json(join(report.output_root, REPORT_NAME), document)
     except Exception as exc:
         LOG.error("could not finish the run report in %s: %s", report.output_root, one_line(exc))
         return code or 1

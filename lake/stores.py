@@ -72,6 +72,9 @@ class Store(Protocol):
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         """Removes path and all below it, or only the given keys below it."""
 
+    def prune(self, path: str) -> None:
+        """Removes the folder path if it is empty: never what another run has just put there."""
+
     def has_data(self, path: str) -> bool:
         """Whether a reader would see any file below path."""
 
@@ -142,6 +145,12 @@ class LocalStore:
                 os.remove(os.path.join(path, key))
             except FileNotFoundError:
                 pass
+
+    def prune(self, path: str) -> None:
+        try:
+            os.rmdir(path)  # fails on a folder that is not empty, atomically
+        except OSError:
+            pass
 
     def has_data(self, path: str) -> bool:
         return next(visible_files(path), None) is not None
@@ -291,6 +300,9 @@ class S3Store:
                 self._client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
         in_flight(put, names)
         return len(names)
+
+    def prune(self, path: str) -> None:
+        pass  # a folder on S3 is its keys: gone with the last of them
 
     def has_data(self, path: str) -> bool:
         return any(map(is_visible_file, self.keys(path)))
