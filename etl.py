@@ -2,29 +2,24 @@
 """Sparkify data lake ETL: song and event JSON in, a star schema as parquet out.
 
     python etl.py [--config dl.cfg] [--input ROOT] [--output ROOT]
-    spark-submit etl.py [--config dl.cfg] [--input ROOT] [--output ROOT]
+    spark-submit --py-files dist/lake.zip etl.py [--config dl.cfg] [--input ROOT] [--output ROOT]
 
-The tables and the rules between them are described in README.md.
+This file is the job, top-down: settings, extract, transform, the quality gate, load, and main. The lake's
+machinery around it (stores, publish, lock, catalog, run report, Spark's set-up) is the `lake` package
+beside it, used by the driver only: everything that runs inside Spark tasks is here. The tables and their
+rules: docs/rules.md.
 """
 from __future__ import annotations
 
 import argparse
 import configparser
-import json
 import logging
 import os
 import re
-import shutil
-import socket
 import sys
 import tempfile
-import threading
-import time
-import urllib.parse
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import reduce
 from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -33,198 +28,28 @@ import pyspark.sql.functions as F
 import pyspark.sql.types as T
 from pyspark.sql import Column, DataFrame, Row, SparkSession
 
+from lake.aws import AwsSettings
+from lake.catalog import DATABASE_PATTERN, register_catalog
+from lake.errors import EtlError, one_line
+from lake.lock import Lock
+from lake.paths import join, normalize_root
+from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
+from lake.publish import journal_path, open_staging, pause_point, publish, recover
+from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
+from lake.stores import Store, Unit
+from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
+
 JOB_VERSION = "1.0.0"
-APP_NAME = "sparkify-etl"
 LOG = logging.getLogger("sparkify_etl")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------- settings
+
 DEFAULT_CONFIG = os.path.join(HERE, "dl.cfg")
 DEFAULT_INPUT = os.path.join(HERE, "data")
 DEFAULT_OUTPUT = "output"
-
-SONG_DATA = "song_data"
-LOG_DATA = "log_data"
-REPORT_NAME = "_run_report.json"  # the latest run's report, "running" while it runs
-RUNS_DIR = "_runs"  # every run's final report, <run id>.json: the last completed run is the newest
-# A run writes everything under <root>/_staging/<run id>/ first; names starting with "_" are skipped by
-# Spark, Athena, pyarrow and DuckDB readers. The journal, once written, means "publish this".
-STAGING_DIR = "_staging"
-OLD_VERSIONS_DIR = "_old"
-PUBLISH_JOURNAL = "_PUBLISH.json"
-LOCK_NAME = "_lock"  # local output: held with flock, which the kernel releases when the process dies
-LEASE_NAME = "_lease.json"  # S3 output: created with a conditional PUT, renewed while the run lives
-LEASE_TTL_S = 300
-LEASE_RENEW_S = 60
-PAUSE_ENV = "SPARKIFY_PAUSE_AT"
-# Publishing on S3: requests in flight, retries per request, keys per DeleteObjects (S3's maximum).
-S3_REQUESTS_IN_FLIGHT = 64
-# Five attempts with the SDK's standard backoff (at most 2+4+8+16 s) survive resets and 503 SlowDown,
-# and let a run whose endpoint is gone fail within a few minutes (README, "Faults").
-S3_ATTEMPTS = 5
-S3_DELETE_BATCH = 1000
-# Reading S3 off EMR (issue 9): the driver lists each tree flat (one LIST per 1,000 keys, sizes
-# included) and Spark tasks GET the files, each task keeping many requests in flight, since every
-# request is a round trip. A user's --conf wins over these defaults.
-S3_READ_IN_FLIGHT_CONF = "spark.sparkify.s3.readRequestsPerTask"
-S3_READ_IN_FLIGHT = 32
-# Files per fetch task, S3 or local: the listing travels inside the tasks, so a slice is kept small.
-FILES_PER_TASK_CONF = "spark.sparkify.filesPerTask"
-FILES_PER_TASK = 2000
-FETCH_WINDOW_BYTES = 32 * 1024 * 1024  # fetched content held at once per task: bounded memory
-FETCH_WINDOW_FILES = 1000
-URI_PATH_SAFE = "/!$&'()*+,;=:@~-._"  # what java.net.URI leaves as it is in a path
-# The run report's names for each tree's file and record counts.
-REPORT_INPUT_KEYS = {SONG_DATA: ("song_files", "song_records"), LOG_DATA: ("log_files", "log_events")}
 REJECTED_DIR = "_rejected"
-
-SONGPLAYS = "songplays"
-USERS = "users"
-SONGS = "songs"
-ARTISTS = "artists"
-TIME = "time"
-# Dimensions first: a reader who sees a new songplays table can join it.
-TABLES = (SONGS, ARTISTS, USERS, TIME, SONGPLAYS)
-PARTITION_BY: Dict[str, Tuple[str, ...]] = {
-    SONGPLAYS: ("year", "month"),
-    USERS: (),
-    SONGS: ("year", "artist_id"),
-    ARTISTS: (),
-    TIME: ("year", "month"),
-}
-TABLE_COLUMNS = {
-    SONGPLAYS: ("songplay_id", "start_time", "user_id", "level", "song_id", "artist_id", "session_id", "location",
-                "user_agent", "year", "month"),
-    USERS: ("user_id", "first_name", "last_name", "gender", "level"),
-    SONGS: ("song_id", "title", "artist_id", "year", "duration"),
-    ARTISTS: ("artist_id", "name", "location", "latitude", "longitude"),
-    TIME: ("start_time", "hour", "day", "week", "month", "year", "weekday"),
-}
-PRIMARY_KEY = {
-    SONGPLAYS: "songplay_id",
-    USERS: "user_id",
-    SONGS: "song_id",
-    ARTISTS: "artist_id",
-    TIME: "start_time",
-}
-
-NEXT_SONG = "NextSong"
-DURATION_TOLERANCE_S = 0.001
-# Doubles such as 337.68544 - 337.68444 come out a hair above 0.001.
-FLOAT_SLACK = 1e-9
-# An event's identity: a redelivered event repeats all four.
-EVENT_KEY = ("user_id", "sessionId", "itemInSession", "ts")
-SONGPLAY_ID_HEX_CHARS = 32  # 128 bits of SHA-256: collisions are not a concern
-USER_ID_PATTERN = r"^[0-9]{1,18}$"  # 18 digits always fit in a long
-
-CORRUPT_RECORD = "_corrupt_record"
-SOURCE_FILE = "source_file"
-REASON = "reason"
-REASON_MALFORMED = "malformed JSON"
-REASON_BAD_TS = "ts missing or not an integer"
-REASON_NO_SONG_ID = "song_id missing"
-REASON_BAD_TYPE = "a field has the wrong type"
-# JSON is UTF-8 text: a line that is not is rejected, and kept as base64, so its bytes survive as they were.
-REASON_NOT_UTF8 = "not valid UTF-8 (line holds its bytes in base64)"
-
-SONG_SCHEMA = T.StructType([
-    T.StructField("num_songs", T.IntegerType()),
-    T.StructField("artist_id", T.StringType()),
-    T.StructField("artist_latitude", T.DoubleType()),
-    T.StructField("artist_longitude", T.DoubleType()),
-    T.StructField("artist_location", T.StringType()),
-    T.StructField("artist_name", T.StringType()),
-    T.StructField("song_id", T.StringType()),
-    T.StructField("title", T.StringType()),
-    T.StructField("duration", T.DoubleType()),
-    T.StructField("year", T.IntegerType()),
-])
-
-LOG_SCHEMA = T.StructType([
-    T.StructField("artist", T.StringType()),
-    T.StructField("auth", T.StringType()),
-    T.StructField("firstName", T.StringType()),
-    T.StructField("gender", T.StringType()),
-    T.StructField("itemInSession", T.IntegerType()),
-    T.StructField("lastName", T.StringType()),
-    T.StructField("length", T.DoubleType()),
-    T.StructField("level", T.StringType()),
-    T.StructField("location", T.StringType()),
-    T.StructField("method", T.StringType()),
-    T.StructField("page", T.StringType()),
-    T.StructField("registration", T.DoubleType()),
-    T.StructField("sessionId", T.LongType()),
-    T.StructField("song", T.StringType()),
-    T.StructField("status", T.IntegerType()),
-    T.StructField("ts", T.LongType()),
-    T.StructField("userAgent", T.StringType()),
-    T.StructField("userId", T.StringType()),
-])
-
-S3_SCHEMES = ("s3://", "s3a://", "s3n://")
-# Files every EMR node carries; EMR's own tooling reads them too.
-EMR_MARKERS = ("/mnt/var/lib/info/job-flow.json", "/emr/instance-controller/lib/info/instance.json")
-# `make setup` resolves hadoop-aws and spark-hadoop-cloud from Maven Central into .jars/ and lists
-# them in the manifest (tools/get_jars.py); it also builds our java.nio local file system there.
-JARS_DIR = os.path.join(HERE, ".jars")
-NIO_JAR = os.path.join(JARS_DIR, "sparkify-hadoop.jar")
-NIO_FILE_SYSTEM = "sparkify.NioLocalFileSystem"
-LOG4J_CONF = os.path.join(HERE, "conf", "log4j2.properties")
-S3A_FILE_SYSTEM = "org.apache.hadoop.fs.s3a.S3AFileSystem"
-CLOUD_COMMIT_PROTOCOL = "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol"
-# S3A's committers, bound to Spark as Spark's cloud-integration guide says.
-S3A_COMMITTER_BINDING = {
-    "spark.sql.sources.commitProtocolClass": CLOUD_COMMIT_PROTOCOL,
-    "spark.sql.parquet.output.committer.class": "org.apache.spark.internal.io.cloud.BindingParquetOutputCommitter",
-    # s3:// and s3n:// are S3A too off EMR (s3a_options), so they get its committer as well.
-    **{f"spark.hadoop.mapreduce.outputcommitter.factory.scheme.{scheme.split(':')[0]}":
-       "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory" for scheme in S3_SCHEMES},
-}
-# spark-submit writes S3 output through S3A's magic committer (issue 9): the master may be a cluster, whose
-# tasks share no disk with the driver, and the magic committer keeps its bookkeeping in S3 itself. It costs
-# ~10 requests per file (.pending files, listings and probes of __magic paths), against 2 for python
-# etl.py's spool (plan_spark). The run writes into a fresh _staging/<run id>/ prefix.
-S3A_COMMIT_THREADS = 64
-MAGIC_COMMITTER = {
-    # Hadoop 3.3.4 commits one task's uploads one after another, tasks in parallel: many write tasks
-    # (write_table makes one per shuffle partition) give the job commit S3A_COMMIT_THREADS requests in flight.
-    "spark.sql.shuffle.partitions": str(S3A_COMMIT_THREADS),
-    **S3A_COMMITTER_BINDING,
-    "spark.hadoop.fs.s3a.committer.threads": str(S3A_COMMIT_THREADS),
-    # The job's own uploads are aborted by abortJob; listing the bucket's uploads on top costs a request
-    # per write (a lifecycle rule for stale uploads is advised anyway, README).
-    "spark.hadoop.fs.s3a.committer.abort.pending.uploads": "false",
-    # No _SUCCESS file per table: the run report says what succeeded, and each marker costs a PUT, its
-    # existence probes and a COPY at publish.
-    "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
-    "spark.hadoop.fs.s3a.committer.name": "magic",
-    "spark.hadoop.fs.s3a.committer.magic.enabled": "true",
-}
-SESSION_CONF = {
-    # Every time function then works in UTC, whatever the machine's zone.
-    "spark.sql.session.timeZone": "UTC",
-    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
-    "spark.ui.showConsoleProgress": "false",
-    "spark.sql.debug.maxToStringFields": "100",  # our 19-column schema is not worth a warning
-}
-S3A_PROVIDERS = {
-    "static": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
-    "session": "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
-    # Environment, profile, container and instance role, in the AWS SDK's own order.
-    "chain": "com.amazonaws.auth.DefaultAWSCredentialsProviderChain",
-}
-PREFLIGHT_PROBE = "_preflight-probe"
-# Retries: a reset or a 503 SlowDown is retried with backoff, but an endpoint that is gone fails the run
-# within a few minutes (Hadoop 3.3.4's defaults retry for many minutes: 20 SDK attempts inside 7 S3A ones).
-S3A_RETRIES = {
-    "fs.s3a.attempts.maximum": "5",  # the AWS SDK's own retries of one request
-    "fs.s3a.retry.limit": "3",  # S3A's retries around them
-    "fs.s3a.retry.interval": "500ms",
-    "fs.s3a.retry.throttle.limit": "10",
-    "fs.s3a.retry.throttle.interval": "200ms",
-    "fs.s3a.connection.establish.timeout": "5000",
-    "fs.s3a.connection.timeout": "30000",
-}
-
+NO_PARTITIONS = "none"
 CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "REGION", "S3_ENDPOINT"),
     "PATHS": ("INPUT_DATA", "OUTPUT_DATA", "REJECTED_DATA"),
@@ -237,46 +62,6 @@ CONFIG_KEYS = {
 }
 # Never leave this machine: tools/emr.py blanks them in the dl.cfg it uploads.
 SECRET_CONFIG_KEYS = {"AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
-NO_PARTITIONS = "none"
-
-# The Glue Data Catalog (for Athena): each table as an external parquet table, with the contract's types.
-CATALOG_TYPES = {
-    "songplay_id": "string", "start_time": "timestamp", "user_id": "bigint", "level": "string",
-    "song_id": "string", "artist_id": "string", "session_id": "bigint", "location": "string",
-    "user_agent": "string", "year": "int", "month": "int", "first_name": "string", "last_name": "string",
-    "gender": "string", "title": "string", "duration": "double", "name": "string", "latitude": "double",
-    "longitude": "double", "hour": "int", "day": "int", "week": "int", "weekday": "int",
-}
-# Athena's rule for database names: lower case letters, digits and underscores.
-CATALOG_DATABASE_PATTERN = r"^[a-z0-9_]{1,255}$"
-PARQUET_STORAGE = {
-    "InputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
-    "OutputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
-    "SerdeInfo": {"SerializationLibrary": "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe",
-                  "Parameters": {"serialization.format": "1"}},
-}
-# Glue's limits per request: BatchCreatePartition takes 100 partitions, BatchDeletePartition 25.
-GLUE_CREATE_BATCH = 100
-GLUE_DELETE_BATCH = 25
-# Throttling and brief outages are retried with backoff; an endpoint that is down fails in about 10 s.
-GLUE_ATTEMPTS = 4
-
-
-class EtlError(Exception):
-    """A problem the user can fix: reported as one line, never as a traceback."""
-
-
-# --------------------------------------------------------------------------- settings
-
-@dataclass(frozen=True)
-class AwsSettings:
-    # Secrets: repr=False keeps them out of any log line or traceback.
-    access_key: Optional[str] = field(default=None, repr=False)
-    secret_key: Optional[str] = field(default=None, repr=False)
-    session_token: Optional[str] = field(default=None, repr=False)
-    region: Optional[str] = None
-    endpoint: Optional[str] = None
-    source: str = "default chain"  # where the keys came from, safe to log
 
 
 @dataclass(frozen=True)
@@ -303,10 +88,6 @@ class Settings:
     partition_by: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: dict(PARTITION_BY))
     catalog_database: Optional[str] = None  # [CATALOG] DATABASE; None: the tables are not registered
     quality: QualitySettings = field(default_factory=QualitySettings)
-
-    @property
-    def uses_s3(self) -> bool:
-        return any(is_s3(path) for path in (self.input_root, self.output_root, self.rejected_root))
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -361,7 +142,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     rejected_root = normalize_root(pick(None, "REJECTED_DATA", join(output_root, REJECTED_DIR)))
     return Settings(input_root, output_root, rejected_root, resolve_aws(config.get("AWS", {}), environ),
                     resolve_layout(config.get("LAYOUT", {}), config_path),
-                    resolve_catalog(config.get("CATALOG", {}), output_root, config_path),
+                    resolve_catalog(config.get("CATALOG", {}), config_path),
                     resolve_quality(config.get("QUALITY", {}), config_path))
 
 
@@ -382,17 +163,12 @@ def resolve_quality(config: Mapping[str, str], config_path: Optional[str]) -> Qu
     return QualitySettings(**chosen)
 
 
-def resolve_catalog(config: Mapping[str, str], output_root: str, config_path: Optional[str]) -> Optional[str]:
-    """The Glue database to register the tables in, or None. Athena reads only S3, so a local output is refused."""
+def resolve_catalog(config: Mapping[str, str], config_path: Optional[str]) -> Optional[str]:
+    """The Glue database to register the tables in, or None (plan_run checks the output is on S3)."""
     database = config.get("DATABASE", "")
-    if not database:
-        return None
-    if not re.match(CATALOG_DATABASE_PATTERN, database):
+    if database and not re.match(DATABASE_PATTERN, database):
         raise EtlError(f"DATABASE in [CATALOG] of {config_path} must be lower case letters, digits and underscores")
-    if not is_s3(output_root):
-        raise EtlError(f"[CATALOG] DATABASE = {database} needs an S3 output root (Athena reads only S3); "
-                       f"output is {output_root}")
-    return database
+    return database or None
 
 
 def resolve_layout(config: Mapping[str, str], config_path: Optional[str]) -> Dict[str, Tuple[str, ...]]:
@@ -403,7 +179,7 @@ def resolve_layout(config: Mapping[str, str], config_path: Optional[str]) -> Dic
         if not value:
             continue
         columns = () if value.lower() == NO_PARTITIONS else tuple(c.strip() for c in value.split(",") if c.strip())
-        unknown = [c for c in columns if c not in TABLE_COLUMNS[table]]
+        unknown = [c for c in columns if c not in SPECS[table].column_names]
         if unknown:
             raise EtlError(f"{table.upper()}_PARTITION_BY in {config_path} names {unknown[0]}, "
                            f"which is not a column of {table}")
@@ -424,163 +200,75 @@ def resolve_aws(config: Mapping[str, str], environ: Mapping[str, str]) -> AwsSet
     return AwsSettings(region=region or None, endpoint=endpoint or None)
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def is_s3(path: str) -> bool:
-    return path.startswith(S3_SCHEMES)
-
-
-def split_s3(path: str) -> Tuple[str, str]:
-    """s3://bucket/a/b -> ("bucket", "a/b")."""
-    bucket, _, key = path.split("://", 1)[1].partition("/")
-    return bucket, key.strip("/")
-
-
-def normalize_root(path: str) -> str:
-    """Local roots become absolute, so the job means the same folder wherever Spark runs it."""
-    if is_remote(path):
-        return path.rstrip("/")
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
-# --------------------------------------------------------------------------- preflight
-
-def _is_visible(name: str) -> bool:
-    """Spark skips names starting with '.' or '_' (.DS_Store, __MACOSX); so do our checks."""
-    return not name.startswith((".", "_"))
-
-
-def _is_visible_file(relative_path: str) -> bool:
-    """A file readers see: no part of its path below a folder starts with '.' or '_' (not a folder marker)."""
-    parts = relative_path.split("/")
-    return parts[-1] != "" and all(_is_visible(part) for part in parts)
-
-
-def _is_input_file(relative_path: str) -> bool:
-    """The contract's input rule for a path below a tree: a visible *.json file."""
-    return relative_path.endswith(".json") and _is_visible_file(relative_path)
-
-
-def visible_files(folder: str) -> Iterator[str]:
-    """Paths, relative to a local folder and "/"-separated, of the files below it that readers see."""
-    for parent, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if _is_visible(d))
-        below = os.path.relpath(parent, folder)
-        for name in sorted(filter(_is_visible, files)):
-            yield name if below == "." else f"{below.replace(os.sep, '/')}/{name}"
-
-
-def _has_json(folder: str) -> bool:
-    return any(name.endswith(".json") for name in visible_files(folder))
-
-
-def preflight_local(settings: Settings) -> None:
-    """Fails in milliseconds, before any Spark start, on the mistakes a user is likely to make."""
-    root = settings.input_root
-    if not is_remote(root):
-        if not os.path.isdir(root):
-            raise EtlError(f"input root not found: {root}")
-        for tree in (SONG_DATA, LOG_DATA):
-            folder = join(root, tree)
-            if not os.path.isdir(folder):
-                raise EtlError(f"no {tree}/ folder under input root {root}")
-            if not _has_json(folder):
-                raise EtlError(f"no .json files under {folder}")
-    for out in (settings.output_root, settings.rejected_root):
-        if not is_remote(out):
-            try:
-                os.makedirs(out, exist_ok=True)
-            except OSError as exc:
-                raise EtlError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
-            if not os.access(out, os.W_OK):
-                raise EtlError(f"output folder is not writable: {out}")
-
-
-def _s3_client(aws: AwsSettings, attempts: int = 2, pool: int = 10):
-    """The preflight's default is few, short retries: a wrong bucket or endpoint fails in seconds."""
-    import boto3  # optional: only S3 runs need it, and EMR nodes have it
-    from botocore.config import Config
-
-    config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": attempts, "mode": "standard"},
-                    max_pool_connections=pool, s3={"addressing_style": "path"} if aws.endpoint else None)
-    return boto3.client("s3", region_name=aws.region, endpoint_url=aws.endpoint, config=config,
-                        aws_access_key_id=aws.access_key, aws_secret_access_key=aws.secret_key,
-                        aws_session_token=aws.session_token)
-
-
-def _s3_error(exc: Exception, bucket: str, what: str, endpoint: Optional[str]) -> EtlError:
-    """One line for a failed S3 call: what was asked, and S3's own error code."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-    if isinstance(exc, NoCredentialsError):
-        return EtlError(f"no AWS credentials found for {what}: set them in dl.cfg [AWS] or the environment")
-    if isinstance(exc, EndpointConnectionError):
-        return EtlError(f"cannot reach S3 at {endpoint or 'the AWS endpoint'} for {what}")
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "error")
-        if code in ("NoSuchBucket", "404"):
-            return EtlError(f"bucket not found: {bucket} (for {what})")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
-            return EtlError(f"S3 rejected the credentials ({code}) for {what}")
-        return EtlError(f"S3 refused {what}: {code}")
-    return EtlError(f"S3 check of {what} failed: {type(exc).__name__}")
-
-
-def _require_json_objects(client, root: str, tree: str) -> None:
-    bucket, prefix = split_s3(root)
-    folder = "/".join(p for p in (prefix, tree) if p) + "/"
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
-    seen_any = False
-    for page in pages:
-        for item in page.get("Contents", []):
-            seen_any = True
-            if _is_input_file(item["Key"][len(folder):]):
-                return
-    where = f"s3://{bucket}/{folder}"
-    raise EtlError(f"no .json files under {where}" if seen_any else f"no {tree}/ under input root {root}")
-
-
-def _require_writable(client, root: str) -> None:
-    bucket, prefix = split_s3(root)
-    probe = "/".join(p for p in (prefix, f"{PREFLIGHT_PROBE}-{os.getpid()}") if p)
-    client.put_object(Bucket=bucket, Key=probe, Body=b"")
-    client.delete_object(Bucket=bucket, Key=probe)
-
-
-def preflight_s3(settings: Settings) -> None:
-    """Seconds, not minutes: input has JSON in both trees, output can be written, credentials work."""
-    if not settings.uses_s3:
-        return
-    try:
-        client = _s3_client(settings.aws)
-    except ImportError:
-        LOG.warning("boto3 is not installed: skipping the S3 preflight")
-        return
-    checks: List[Tuple[str, str, Callable[[], None]]] = []
-    if is_s3(settings.input_root):
-        checks += [(settings.input_root, f"input {settings.input_root}/{tree}/",
-                    lambda tree=tree: _require_json_objects(client, settings.input_root, tree))
-                   for tree in (SONG_DATA, LOG_DATA)]
-    for out in dict.fromkeys(p for p in (settings.output_root, settings.rejected_root) if is_s3(p)):
-        checks.append((out, f"writing to {out}/", lambda out=out: _require_writable(client, out)))
-    for root, what, check in checks:
-        try:
-            check()
-        except EtlError:
-            raise
-        except Exception as exc:  # botocore's errors, turned into one line
-            raise _s3_error(exc, split_s3(root)[0], what, settings.aws.endpoint) from None
-
-
 # --------------------------------------------------------------------------- extract
+
+# Files per fetch task: the listing travels inside the tasks, so a slice is kept small.
+FILES_PER_TASK_CONF = "spark.sparkify.filesPerTask"
+FILES_PER_TASK = 2000
+# Reading S3 off EMR: the driver lists each tree flat (one LIST per 1,000 keys, sizes included) and Spark
+# tasks GET the files, each task keeping many requests in flight, since every request is a round trip.
+# A user's --conf wins over these defaults.
+S3_READ_IN_FLIGHT_CONF = "spark.sparkify.s3.readRequestsPerTask"
+S3_READ_IN_FLIGHT = 32
+FETCH_WINDOW_BYTES = 32 * 1024 * 1024  # fetched content held at once per task: bounded memory
+FETCH_WINDOW_FILES = 1000
+URI_PATH_SAFE = "/!$&'()*+,;=:@~-._"  # what java.net.URI leaves as it is in a path
+# The run report's names for each tree's file and record counts.
+REPORT_INPUT_KEYS = {SONG_DATA: ("song_files", "song_records"), LOG_DATA: ("log_files", "log_events")}
+
+CORRUPT_RECORD = "_corrupt_record"
+SOURCE_FILE = "source_file"
+REASON = "reason"
+REASON_MALFORMED = "malformed JSON"
+REASON_BAD_TS = "ts missing or not an integer"
+REASON_NO_SONG_ID = "song_id missing"
+REASON_BAD_TYPE = "a field has the wrong type"
+# JSON is UTF-8 text: a line that is not is rejected, and kept as base64, so its bytes survive as they were.
+REASON_NOT_UTF8 = "not valid UTF-8 (line holds its bytes in base64)"
+
+SONG_SCHEMA = T.StructType([
+    T.StructField("num_songs", T.IntegerType()),
+    T.StructField("artist_id", T.StringType()),
+    T.StructField("artist_latitude", T.DoubleType()),
+    T.StructField("artist_longitude", T.DoubleType()),
+    T.StructField("artist_location", T.StringType()),
+    T.StructField("artist_name", T.StringType()),
+    T.StructField("song_id", T.StringType()),
+    T.StructField("title", T.StringType()),
+    T.StructField("duration", T.DoubleType()),
+    T.StructField("year", T.IntegerType()),
+])
+
+LOG_SCHEMA = T.StructType([
+    T.StructField("artist", T.StringType()),
+    T.StructField("auth", T.StringType()),
+    T.StructField("firstName", T.StringType()),
+    T.StructField("gender", T.StringType()),
+    T.StructField("itemInSession", T.IntegerType()),
+    T.StructField("lastName", T.StringType()),
+    T.StructField("length", T.DoubleType()),
+    T.StructField("level", T.StringType()),
+    T.StructField("location", T.StringType()),
+    T.StructField("method", T.StringType()),
+    T.StructField("page", T.StringType()),
+    T.StructField("registration", T.DoubleType()),
+    T.StructField("sessionId", T.LongType()),
+    T.StructField("song", T.StringType()),
+    T.StructField("status", T.IntegerType()),
+    T.StructField("ts", T.LongType()),
+    T.StructField("userAgent", T.StringType()),
+    T.StructField("userId", T.StringType()),
+])
+
+
+def preflight(settings: Settings, plan: RunPlan) -> None:
+    """Fails in seconds, before any Spark start, on the mistakes a user is likely to make: input with JSON in
+    both trees, output roots that can be written, credentials that work."""
+    for tree in (SONG_DATA, LOG_DATA):
+        plan.input_store.require_input(settings.input_root, tree)
+    for root in dict.fromkeys((settings.output_root, settings.rejected_root)):
+        plan.output_store.require_writable(root)
+
 
 LINE = "line"
 PIECE = "_piece"  # a line before parse_lines: its text, or its bytes as BYTES_AS_TEXT text (PIECE_IS_TEXT false)
@@ -603,7 +291,7 @@ def read_json(spark: SparkSession, path: str, schema: T.StructType, small_files:
     """Every *.json below path, one record per non-blank line, as parse_lines gives them.
 
     small_files reads each file whole: for thousands of one-line files this is 2-3x faster than the line
-    reader, which sets up a record reader and codec lookup per file (README, "Speed"). Files must then fit
+    reader, which sets up a record reader and codec lookup per file (docs/performance.md). Files must then fit
     in memory, which is why the day-sized event logs use the line reader.
     """
     reader = spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
@@ -678,27 +366,6 @@ def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
     )
 
 
-@dataclass(frozen=True)
-class S3Listing:
-    """Reads S3 by listing on the driver and fetching inside the plan (plan_spark decides when)."""
-    aws: AwsSettings
-
-
-def list_s3_json(aws: AwsSettings, path: str) -> List[Tuple[str, int]]:
-    """(path, size) of every visible *.json below path, from one flat listing: one LIST per 1,000 keys,
-    never one per folder. Paths keep path's scheme, as Spark's own readers name them."""
-    scheme = path.split("://", 1)[0]
-    bucket, prefix = split_s3(path)
-    pages = _s3_client(aws, attempts=S3_ATTEMPTS).get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-    found = []
-    for page in pages:
-        for item in page.get("Contents", []):
-            if _is_input_file(item["Key"][len(prefix) + 1 if prefix else 0:]):
-                found.append((f"{scheme}://{bucket}/{item['Key']}", item["Size"]))
-    return found
-
-
 def as_uri(path: str) -> str:
     """A path as Hadoop's URI form spells it (a space is %20), as Spark's _metadata.file_path gives it."""
     from urllib.parse import quote
@@ -707,20 +374,22 @@ def as_uri(path: str) -> str:
     return f"{scheme}://{quote(rest, safe=URI_PATH_SAFE)}"
 
 
-def fetch_s3_files(aws: AwsSettings, in_flight: int, uri_names: bool) -> Callable:
-    """For mapPartitions: (path, size) pairs in, (source_file, content) rows out, with in_flight GETs at
-    once in each task. Plain Python and boto3 on the workers (no Arrow needed). The credentials travel
+def fetch_s3_files(client: Mapping[str, object], in_flight: int) -> Callable:
+    """For mapPartitions: (source_file, (bucket, key), size) in, (source_file, content) rows out, with in_flight GETs
+    at once in each task. Plain Python and boto3 on the workers (no Arrow needed). The credentials travel
     inside this closure, as they do in Hadoop's configuration, never in a log."""
-    def fetch(files: Iterator[Tuple[str, int]]) -> Iterator[Tuple[str, bytes]]:
+    def fetch(files: Iterator[Tuple[str, Tuple[str, str], int]]) -> Iterator[Tuple[str, bytes]]:
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
-        client = _s3_client(aws, attempts=S3_ATTEMPTS, pool=in_flight)
+        import boto3
+        from botocore.config import Config
 
-        def get(path: str) -> Tuple[str, bytes]:
-            bucket, key = split_s3(path)
-            content = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            return as_uri(path) if uri_names else path, content
+        s3 = boto3.client("s3", **{**client, "config": Config(**client["config"])})  # as lake.aws.s3_client
+
+        def get(name: str, location: Tuple[str, str]) -> Tuple[str, bytes]:
+            bucket, key = location
+            return name, s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
         # A sliding window: requests keep being started as the oldest results are handed on, so the in_flight
         # requests never drain between batches. Sizes come from the listing (no HEAD); at most about
@@ -729,8 +398,8 @@ def fetch_s3_files(aws: AwsSettings, in_flight: int, uri_names: bool) -> Callabl
         window: Deque[Tuple[Future, int]] = deque()
         held = 0
         try:
-            for path, size in files:
-                window.append((pool.submit(get, path), size))
+            for name, location, size in files:
+                window.append((pool.submit(get, name, location), size))
                 held += size
                 while held >= FETCH_WINDOW_BYTES or len(window) >= FETCH_WINDOW_FILES:
                     oldest, oldest_size = window.popleft()
@@ -743,22 +412,16 @@ def fetch_s3_files(aws: AwsSettings, in_flight: int, uri_names: bool) -> Callabl
     return fetch
 
 
-def list_local_json(path: str) -> List[Tuple[str, int]]:
-    """(path, 0) of every visible *.json below a local folder: reading a local file needs no size."""
-    return [(os.path.join(path, name), 0) for name in visible_files(path) if name.endswith(".json")]
-
-
-def fetch_local_files(files: Iterator[Tuple[str, int]]) -> Iterator[Tuple[str, bytes]]:
-    """For mapPartitions: local (path, size) pairs in, (source_file, content) rows out, the path spelt as
-    Spark's binaryFile reader spells it."""
-    for path, _ in files:
+def fetch_local_files(files: Iterator[Tuple[str, str, int]]) -> Iterator[Tuple[str, bytes]]:
+    """For mapPartitions: (source_file, local path, size) in, (source_file, content) rows out."""
+    for name, path, _ in files:
         with open(path, "rb") as handle:
-            yield f"file:{path}", handle.read()
+            yield name, handle.read()
 
 
-def read_listed(spark: SparkSession, files: Sequence[Tuple[str, int]], schema: T.StructType,
+def read_listed(spark: SparkSession, files: Sequence[Tuple[str, str, int]], schema: T.StructType,
                 fetch: Callable) -> DataFrame:
-    """Listed (path, size) pairs, fetched whole inside the plan and parsed as read_json parses lines.
+    """Listed files, fetched whole inside the plan and parsed as read_json parses lines.
 
     For many small files: Spark's own readers set up a reader per file and list folder by folder (one LIST
     per folder on S3); here one listing is shipped to tasks in slices, each task reading its slice."""
@@ -770,41 +433,44 @@ def read_listed(spark: SparkSession, files: Sequence[Tuple[str, int]], schema: T
     return parse_whole_files(fetched, schema)
 
 
-def read_input(spark: SparkSession, input_root: str, tree: str,
-               listing: Optional[S3Listing] = None) -> Tuple[DataFrame, int]:
-    """One input tree and its file count. S3 off EMR is listed flat and fetched in the plan, as are local
-    song files; on EMR, and for local event logs (few, day-sized), Spark's own readers."""
+def read_input(spark: SparkSession, plan: RunPlan, input_root: str, tree: str) -> Tuple[DataFrame, int]:
+    """One input tree and its file count: listed by the driver and fetched in the plan where the plan says
+    so, else by Spark's own readers."""
     folder, songs = join(input_root, tree), tree == SONG_DATA
     schema = SONG_SCHEMA if songs else LOG_SCHEMA
-    if listing:
-        files = list_s3_json(listing.aws, folder)
-        in_flight = int(spark.sparkContext.getConf().get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
-        # The same source_file strings as Spark's readers: binaryFile (songs) gives the path as it is, the
-        # line reader's _metadata.file_path (logs) its URI form.
-        fetch = fetch_s3_files(listing.aws, in_flight, uri_names=not songs)
-        return read_listed(spark, files, schema, fetch), len(files)
-    if songs and not is_remote(folder):
-        files = list_local_json(folder)
-        return read_listed(spark, files, schema, fetch_local_files), len(files)
-    raw = read_json(spark, folder, schema, small_files=songs)
-    return raw, len(raw.inputFiles())
+    if tree not in plan.listed_trees:
+        raw = read_json(spark, folder, schema, small_files=songs)
+        return raw, len(raw.inputFiles())
+    in_flight = int(spark.sparkContext.getConf().get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
+    client = plan.input_store.task_client(in_flight)
+    fetch = fetch_s3_files(client, in_flight) if client else fetch_local_files
+    # The same source_file strings as Spark's readers: binaryFile (songs) gives the path as it is, the line
+    # reader's _metadata.file_path (logs) its URI form.
+    files = [(name if songs else as_uri(name), path, size) for name, path, size in plan.input_store.list_input(folder)]
+    return read_listed(spark, files, schema, fetch), len(files)
 
 
 def read_song_data(spark: SparkSession, input_root: str) -> DataFrame:
-    return read_input(spark, input_root, SONG_DATA)[0]
+    """The song tree, read as a run of this job would read it (the notebook's way in)."""
+    return read_input(spark, _reading_plan(input_root), input_root, SONG_DATA)[0]
 
 
 def read_log_data(spark: SparkSession, input_root: str) -> DataFrame:
-    return read_input(spark, input_root, LOG_DATA)[0]
+    return read_input(spark, _reading_plan(input_root), input_root, LOG_DATA)[0]
+
+
+def _reading_plan(input_root: str) -> RunPlan:
+    output_root = normalize_root(DEFAULT_OUTPUT)
+    return plan_run(Settings(input_root, output_root, join(output_root, REJECTED_DIR)), os.environ, emr_marker())
 
 
 # What each tree rejects besides bad lines: (the field a record cannot do without, the reason given).
 REJECT_RULES = {SONG_DATA: ("song_id", REASON_NO_SONG_ID), LOG_DATA: ("ts", REASON_BAD_TS)}
 # The fields a delivery must carry, and where: (field, the page whose events carry it; None: every record).
-# Visitors who are not logged in have userId "" on their pages, and only NextSong events name a song.
+# Visitors who are not logged in have userId "" on their pages, and only NextSong events (plays) name a song.
 REQUIRED_FIELDS = {
     SONG_DATA: (("song_id", None),),
-    LOG_DATA: (("ts", None), ("page", None), ("userId", NEXT_SONG), ("song", NEXT_SONG)),
+    LOG_DATA: (("ts", None), ("page", None), ("userId", "NextSong"), ("song", "NextSong")),
 }
 UNKNOWN_PREFIX = "unknown:"
 
@@ -880,6 +546,23 @@ def profile_read(raw: DataFrame, tree: str) -> Dict[str, object]:
 
 # --------------------------------------------------------------------------- transform
 
+NEXT_SONG = "NextSong"
+DURATION_TOLERANCE_S = 0.001
+# Doubles such as 337.68544 - 337.68444 come out a hair above 0.001.
+FLOAT_SLACK = 1e-9
+# An event's identity: a redelivered event repeats all four.
+EVENT_KEY = ("user_id", "sessionId", "itemInSession", "ts")
+SONGPLAY_ID_HEX_CHARS = 32  # 128 bits of SHA-256: collisions are not a concern
+USER_ID_PATTERN = r"^[0-9]{1,18}$"  # 18 digits always fit in a long
+
+
+def conform(frame: DataFrame, table: str, **columns: Column) -> DataFrame:
+    """The builders' final select: the table's columns in the spec's order and types, each from the
+    expression given for it, or else from the frame's column of that name."""
+    return frame.select(*[columns.get(name, F.col(name)).cast(kind).alias(name)
+                          for name, kind in SPECS[table].columns])
+
+
 def known_user_events(events: DataFrame) -> DataFrame:
     """Events of logged-in users, with userId as a long user_id; "", null and non-numbers are nobody."""
     user_id = F.trim(F.col("userId"))
@@ -900,15 +583,12 @@ def build_songs(songs: DataFrame) -> DataFrame:
     attributes = ["title", "artist_id", "year", "duration"]
     # A song_id seen twice keeps its fullest record; remaining ties fall to the smallest values.
     best = F.min(F.struct(_count_nulls(attributes).alias("nulls"), *attributes)).alias("best")
-    return (
-        songs.groupBy("song_id").agg(best)
-        .select(
-            F.col("song_id"),
-            F.col("best.title").alias("title"),
-            F.col("best.artist_id").alias("artist_id"),
-            F.col("best.year").cast("int").alias("year"),
-            F.col("best.duration").cast("double").alias("duration"),
-        )
+    return conform(
+        songs.groupBy("song_id").agg(best), SONGS,
+        title=F.col("best.title"),
+        artist_id=F.col("best.artist_id"),
+        year=F.col("best.year"),
+        duration=F.col("best.duration"),
     )
 
 
@@ -919,36 +599,30 @@ def build_artists(songs: DataFrame) -> DataFrame:
         F.col("song_id"),
         F.col("artist_name").alias("name"),
         location.alias("location"),
-        F.col("artist_latitude").cast("double").alias("latitude"),
-        F.col("artist_longitude").cast("double").alias("longitude"),
+        F.col("artist_latitude").alias("latitude"),
+        F.col("artist_longitude").alias("longitude"),
     )
     attributes = ["name", "location", "latitude", "longitude"]
     # The record with most known attributes wins, then the smallest song_id (the contract's rule).
     best = F.min(F.struct(_count_nulls(attributes).alias("nulls"), "song_id", *attributes)).alias("best")
-    return (
-        records.groupBy("artist_id").agg(best)
-        .select(
-            F.col("artist_id"),
-            F.col("best.name").alias("name"),
-            F.col("best.location").alias("location"),
-            F.col("best.latitude").alias("latitude"),
-            F.col("best.longitude").alias("longitude"),
-        )
+    return conform(
+        records.groupBy("artist_id").agg(best), ARTISTS,
+        name=F.col("best.name"),
+        location=F.col("best.location"),
+        latitude=F.col("best.latitude"),
+        longitude=F.col("best.longitude"),
     )
 
 
 def build_users(events: DataFrame) -> DataFrame:
     # Struct order is the rule: latest ts, then latest itemInSession; the rest only breaks exact ties.
     latest = F.max(F.struct("ts", "itemInSession", "level", "firstName", "lastName", "gender")).alias("latest")
-    return (
-        known_user_events(events).groupBy("user_id").agg(latest)
-        .select(
-            F.col("user_id"),
-            F.col("latest.firstName").alias("first_name"),
-            F.col("latest.lastName").alias("last_name"),
-            F.col("latest.gender").alias("gender"),
-            F.col("latest.level").alias("level"),
-        )
+    return conform(
+        known_user_events(events).groupBy("user_id").agg(latest), USERS,
+        first_name=F.col("latest.firstName"),
+        last_name=F.col("latest.lastName"),
+        gender=F.col("latest.gender"),
+        level=F.col("latest.level"),
     )
 
 
@@ -992,21 +666,13 @@ def match_songs(plays: DataFrame, songs: DataFrame, artists: DataFrame) -> DataF
 
 def build_songplays(events: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
     start_time = F.timestamp_millis(F.col("ts"))
-    return (
-        match_songs(next_song_plays(events), songs, artists)
-        .select(
-            F.col("songplay_id"),
-            start_time.alias("start_time"),
-            F.col("user_id"),
-            F.col("level"),
-            F.col("song_id"),
-            F.col("artist_id"),
-            F.col("sessionId").alias("session_id"),
-            F.col("location"),
-            F.col("userAgent").alias("user_agent"),
-            F.year(start_time).alias("year"),
-            F.month(start_time).alias("month"),
-        )
+    return conform(
+        match_songs(next_song_plays(events), songs, artists), SONGPLAYS,
+        start_time=start_time,
+        session_id=F.col("sessionId"),
+        user_agent=F.col("userAgent"),
+        year=F.year(start_time),
+        month=F.month(start_time),
     )
 
 
@@ -1014,17 +680,14 @@ def build_time(songplays: DataFrame) -> DataFrame:
     start = F.col("start_time")
     # dayofweek() counts Sunday = 1; ISO counts Monday = 1 ... Sunday = 7.
     iso_weekday = (F.dayofweek(start) + 5) % 7 + 1
-    return (
-        songplays.select(start).distinct()
-        .select(
-            start,
-            F.hour(start).alias("hour"),
-            F.dayofmonth(start).alias("day"),
-            F.weekofyear(start).alias("week"),  # ISO-8601 week, as Spark documents
-            F.month(start).alias("month"),
-            F.year(start).alias("year"),
-            iso_weekday.cast("int").alias("weekday"),
-        )
+    return conform(
+        songplays.select(start).distinct(), TIME,
+        hour=F.hour(start),
+        day=F.dayofmonth(start),
+        week=F.weekofyear(start),  # ISO-8601 week, as Spark documents
+        month=F.month(start),
+        year=F.year(start),
+        weekday=iso_weekday,
     )
 
 
@@ -1039,16 +702,6 @@ def build_tables(songs: DataFrame, events: DataFrame,
 
 
 # --------------------------------------------------------------------------- quality gate
-
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    detail: str
-    value: Optional[float] = None  # what this run measured
-    threshold: Optional[float] = None  # the limit the value is held to; the detail says which way
-    previous: Optional[float] = None  # for a drift check, the same measure at the last successful run
-
 
 AGGREGATE_NAME = "_aggregate"
 SUCCEEDED = "succeeded"
@@ -1134,7 +787,7 @@ def figures_of(document: Mapping[str, object]) -> Dict[str, object]:
     }
 
 
-def last_successful_run(store, output_root: str) -> Optional[dict]:
+def last_successful_run(store: Store, output_root: str) -> Optional[dict]:
     """The report of the newest run that succeeded, from <output>/_runs/ (run ids start with their UTC
     time, so names sort in time order), or None."""
     folder = join(output_root, RUNS_DIR)
@@ -1229,7 +882,7 @@ def run_checks(measured: Mapping[str, object], read: Optional[Mapping[str, Mappi
 
 
 def quality_gate(tables: Mapping[str, DataFrame], songs: DataFrame, events: DataFrame, report: RunReport,
-                 settings: Settings, store) -> List[Check]:
+                 settings: Settings, store: Store) -> List[Check]:
     """Measures the tables and what was read, against the last successful run; keeps the figures in the report."""
     previous = last_successful_run(store, settings.output_root)
     measured = measure(tables, songs, events)
@@ -1263,500 +916,54 @@ def write_table(table: DataFrame, path: str, partition_by: Sequence[str]) -> Non
     writer.parquet(path)
 
 
-# --------------------------------------------------------------------------- staging, publish, lock
-
-class LocalStore:
-    """Output on local disk: files through os, a table swapped in by renaming its folder."""
-
-    def __init__(self) -> None:
-        self._locks: Dict[str, object] = {}
-
-    def read_json(self, path: str) -> Optional[dict]:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            return None
-
-    def write_json(self, path: str, document: dict) -> None:
-        # Write aside, then rename: a reader or a crash never sees half a file.
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.partial"
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(document, indent=2) + "\n")
-        os.replace(partial, path)
-
-    def children(self, path: str) -> List[str]:
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
-    def keys(self, path: str) -> List[str]:
-        """Every file below path, relative to it, as S3Store.keys lists them."""
-        return [os.path.relpath(os.path.join(parent, name), path).replace(os.sep, "/")
-                for parent, _, files in os.walk(path) for name in files]
-
-    def remove(self, path: str) -> None:
-        shutil.rmtree(path, ignore_errors=True)
-
-    def swap_in(self, staged: str, final: str, old: str) -> None:
-        """Puts staged where final is, atomically where the kernel allows; the previous final ends up at old."""
-        if not os.path.exists(staged):
-            return  # swapped in already, before a crash
-        if os.path.exists(final):
-            os.makedirs(os.path.dirname(old), exist_ok=True)
-            if _exchange(staged, final):
-                os.rename(staged, old)  # staged now names the previous version
-                return
-            os.rename(final, old)  # no atomic exchange: the table is missing for one rename
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(staged, final)
-
-    def has_data(self, path: str) -> bool:
-        return next(visible_files(path), None) is not None
-
-    def plan_publish(self, unit: Unit, run_id: str) -> dict:
-        return {}  # a folder swap needs nothing but the unit's names
-
-    def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
-        self.swap_in(unit.staged(run_id), unit.final(), unit.old(run_id))
-
-    def take_lock(self, root: str, run_id: str) -> None:
-        import fcntl  # POSIX only, like the atomic swap; the kernel drops the lock when the process dies
-
-        handle = open(join(root, LOCK_NAME), "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise EtlError(f"another run is writing to {root} ({holder}); wait for it to finish") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"run {run_id}, pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self._locks[root] = handle
-
-    def release_lock(self, root: str) -> None:
-        handle = self._locks.pop(root, None)
-        if handle is not None:
-            handle.close()
-
-
-def _exchange(first: str, second: str) -> bool:
-    """Linux's renameat2(RENAME_EXCHANGE): swaps two folders in one step, so a reader sees one or the other."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        rename_exchange, at_cwd = 2, -100
-        return libc.renameat2(at_cwd, first.encode(), at_cwd, second.encode(), rename_exchange) == 0
-    except (AttributeError, OSError):  # not Linux, or a C library without renameat2
-        return False
-
-
-class S3Store:
-    """Output on S3 through boto3: no rename, so a table is published by server-side copies, many at once."""
-
-    def __init__(self, aws: AwsSettings) -> None:
-        try:
-            self._client = _s3_client(aws, attempts=S3_ATTEMPTS, pool=S3_REQUESTS_IN_FLIGHT)
-        except ImportError:
-            raise EtlError("boto3 is needed to publish to S3 (pip install boto3; EMR nodes have it)") from None
-        self._renewer: Optional[threading.Timer] = None
-
-    def read_json(self, path: str) -> Optional[dict]:
-        bucket, key = split_s3(path)
-        try:
-            return json.loads(self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except self._client.exceptions.NoSuchKey:
-            return None
-
-    def write_json(self, path: str, document: dict, **conditions: str) -> None:
-        bucket, key = split_s3(path)
-        self._client.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=2).encode() + b"\n",
-                                ContentType="application/json", **conditions)
-
-    def keys(self, path: str) -> List[str]:
-        """Every key below path, relative to it: one LIST request per 1,000 keys, whatever the depth."""
-        bucket, prefix = split_s3(path)
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-        return [item["Key"][len(prefix) + 1:] for page in pages for item in page.get("Contents", [])]
-
-    def children(self, path: str) -> List[str]:
-        bucket, prefix = split_s3(path)
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/",
-                                                                        Delimiter="/")
-        return sorted(p["Prefix"][len(prefix) + 1:].rstrip("/") for page in pages
-                      for p in page.get("CommonPrefixes", []))
-
-    def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
-        bucket, prefix = split_s3(path)
-        keys = self.keys(path) if keys is None else keys
-        for start in range(0, len(keys), S3_DELETE_BATCH):
-            batch = [{"Key": f"{prefix}/{key}"} for key in keys[start:start + S3_DELETE_BATCH]]
-            self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-
-    def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
-        (source_bucket, source_prefix), (bucket, prefix) = split_s3(source), split_s3(target)
-
-        def copy_one(key: str) -> None:
-            self._client.copy_object(Bucket=bucket, Key=f"{prefix}/{key}",
-                                     CopySource={"Bucket": source_bucket, "Key": f"{source_prefix}/{key}"})
-        _in_flight(copy_one, keys)
-
-    def upload(self, folder: str, target: str) -> int:
-        """PUTs every visible file below a local folder to the same relative key below target, one request
-        each, many at once; returns how many."""
-        bucket, prefix = split_s3(target)
-        names = list(visible_files(folder))
-
-        def put(name: str) -> None:
-            with open(os.path.join(folder, name), "rb") as body:
-                self._client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
-        _in_flight(put, names)
-        return len(names)
-
-    def has_data(self, path: str) -> bool:
-        return any(map(_is_visible_file, self.keys(path)))
-
-    def plan_publish(self, unit: Unit, run_id: str) -> dict:
-        """The keys to copy in and, of the published ones, those to delete afterwards."""
-        # Directory markers (keys ending in "/", kept by S3A: fs.s3a.directory.marker.retention) are not data.
-        new = [key for key in self.keys(unit.staged(run_id)) if key and not key.endswith("/")]
-        return {"new": new, "old": sorted(set(self.keys(unit.final())) - set(new))}
-
-    def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
-        # New files first, then the old ones go: a reader sees the old version, then both, then the new.
-        self.copy(unit.staged(run_id), unit.final(), entry["new"])
-        self.remove(unit.final(), entry["old"])
-
-    def take_lock(self, root: str, run_id: str) -> None:
-        """A lease object, created only if absent (a conditional PUT); a lease not renewed in time is stale."""
-        path = join(root, LEASE_NAME)
-        lease = self.read_json(path)
-        if lease and not _is_stale(lease):
-            raise EtlError(f"another run is writing to {root} (run {lease.get('run_id')} on {lease.get('host')}, "
-                           f"lease until {_utc(lease['expires_at'])}); wait, or see README to clear a stale lease")
-        if lease:
-            LOG.warning("taking over the stale lease of run %s (until %s, pid %s on %s)", lease.get("run_id"),
-                        _utc(lease.get("expires_at", 0)), lease.get("pid"), lease.get("host"))
-            self.remove(root, [LEASE_NAME])
-        try:
-            self._renew(path, run_id, IfNoneMatch="*")
-        except self._client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
-                raise
-            raise EtlError(f"another run took the lease of {root} just now; wait for it to finish") from None
-
-    def _renew(self, path: str, run_id: str, **conditions: str) -> None:
-        document = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                    "expires_at": time.time() + LEASE_TTL_S}
-        if conditions:  # taking the lease: a failure is the caller's to report
-            self.write_json(path, document, **conditions)
-        else:
-            try:  # renewing, on a timer thread: a failure must not print a traceback; the run fails anyway
-                self.write_json(path, document)
-            except Exception as exc:
-                LOG.warning("could not renew the lease %s: %s", path, _one_line(exc))
-        self._renewer = threading.Timer(LEASE_RENEW_S, self._renew, args=(path, run_id))
-        self._renewer.daemon = True  # a dead driver stops renewing, so its lease goes stale
-        self._renewer.start()
-
-    def release_lock(self, root: str) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-        self.remove(root, [LEASE_NAME])
-
-
-def _in_flight(request: Callable[[str], None], keys: Sequence[str]) -> None:
-    """One request per key, S3_REQUESTS_IN_FLIGHT at once: each is a round trip, and S3 serves many."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT)
-    try:
-        for _ in pool.map(request, keys):
-            pass
-    finally:
-        # After a failure, the requests not yet started are dropped: S3 failing one is likely to fail them all.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _is_stale(lease: dict) -> bool:
-    """Not renewed in time, or its run was on this machine and its process is gone (killed, say)."""
-    if lease.get("expires_at", 0) < time.time():
-        return True
-    if lease.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(lease.get("pid", 0)), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-def _utc(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="seconds")
-
-
-def open_store(root: str, aws: AwsSettings):
-    return S3Store(aws) if is_s3(root) else LocalStore()
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One folder readers see (a table, or a tree's rejects) and where this run stages it."""
-    root: str
-    name: str
-
-    def final(self) -> str:
-        return join(self.root, self.name)
-
-    def staged(self, run_id: str) -> str:
-        return join(self.root, STAGING_DIR, run_id, self.name)
-
-    def old(self, run_id: str) -> str:
-        return join(self.root, STAGING_DIR, run_id, OLD_VERSIONS_DIR, self.name)
-
-
-def publish(store, units: Sequence[Unit], run_id: str, journal_path: str) -> None:
-    """Makes the staged units the published ones. The journal, written first, lets the next run finish a
-    publish that was killed half-way; the store adds what it needs to finish (on S3, the keys)."""
-    journal = {"run_id": run_id, "units": [{**vars(unit), **store.plan_publish(unit, run_id)} for unit in units]}
-    store.write_json(journal_path, journal)
-    pause_point("publish")
-    finish_publish(store, journal)
-
-
-def finish_publish(store, journal: dict) -> None:
-    """Idempotent: run again on the same journal, it does only what is left."""
-    for entry in journal["units"]:
-        unit = Unit(entry["root"], entry["name"])
-        store.publish_unit(unit, journal["run_id"], entry)
-        LOG.debug("published %s", unit.final())
-        pause_point(f"published {unit.name}")
-
-
-def recover(store, roots: Sequence[str], output_root: str) -> Dict[str, List[str]]:
-    """Before anything else: finish a publish a killed run left half-done, then clear dead runs' staging.
-    Returns, per run whose publish it finished, the folders that run published."""
-    staging = join(output_root, STAGING_DIR)
-    finished = {}
-    for run_id in store.children(staging):
-        journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
-        if journal:
-            LOG.warning("finishing the publish of run %s, which was stopped half-way", run_id)
-            finish_publish(store, journal)
-            finished[run_id] = [Unit(entry["root"], entry["name"]).final() for entry in journal["units"]]
-    for root in roots:
-        store.remove(join(root, STAGING_DIR))
-    return finished
-
-
-def pause_point(name: str) -> None:
-    """Fault injection for the crash tests: SPARKIFY_PAUSE_AT=<name>[,<name>...] stops the run at each point
-    named until a line arrives on its standard input (so one run can be looked at in several states), or
-    until it is killed."""
-    if name in os.environ.get(PAUSE_ENV, "").split(","):
-        print(f"paused at {name}", file=sys.stderr, flush=True)
-        if not sys.stdin.readline():  # no input to resume it (closed, or /dev/null): wait to be killed
-            while True:
-                time.sleep(60)
-
-
-# --------------------------------------------------------------------------- the Glue Data Catalog
-
-def s3_uri(path: str) -> str:
-    """Athena and Glue know s3:// only; s3a:// and s3n:// name the same objects."""
-    return "s3://" + path.split("://", 1)[1]
-
-
-def published_partitions(store, table_path: str, columns: Sequence[str]) -> Dict[Tuple[str, ...], str]:
-    """{partition values: folder} for every folder holding a data file of the published table.
-
-    Listed from storage rather than taken from the DataFrame: the catalog must point at the folders that
-    exist, spelt as Spark escaped them (a "/" in a value is "%2F" in the folder name), and a listing is
-    one request per 1,000 files.
-    """
-    partitions: Dict[Tuple[str, ...], str] = {}
-    for key in store.keys(table_path):
-        *folders, _ = key.split("/")
-        if not _is_visible_file(key) or len(folders) != len(columns):
-            continue  # a folder marker, _SUCCESS, or a file that is not a partition's data
-        names_values = [folder.partition("=") for folder in folders]
-        if [name for name, _, _ in names_values] != list(columns):
-            continue
-        values = tuple(urllib.parse.unquote(value) for _, _, value in names_values)
-        partitions[values] = "/".join(folders)
-    return partitions
-
-
-def _glue_client(aws: AwsSettings):
-    """The endpoint is found the standard way (AWS_ENDPOINT_URL_GLUE, AWS_ENDPOINT_URL), keys as for S3."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("glue", region_name=aws.region, aws_access_key_id=aws.access_key,
-                        aws_secret_access_key=aws.secret_key, aws_session_token=aws.session_token,
-                        config=Config(connect_timeout=5, read_timeout=30,
-                                      retries={"max_attempts": GLUE_ATTEMPTS, "mode": "standard"}))
-
-
-def glue_table_input(name: str, location: str, partition_by: Sequence[str]) -> dict:
-    def columns(names: Sequence[str]) -> List[Dict[str, str]]:
-        return [{"Name": column, "Type": CATALOG_TYPES[column]} for column in names]
-
-    return {
-        "Name": name,
-        "TableType": "EXTERNAL_TABLE",
-        "Parameters": {"EXTERNAL": "TRUE", "classification": "parquet", "parquet.compression": "SNAPPY"},
-        "PartitionKeys": columns(partition_by),
-        "StorageDescriptor": {"Columns": columns([c for c in TABLE_COLUMNS[name] if c not in partition_by]),
-                              "Location": location + "/", **PARQUET_STORAGE},
-    }
-
-
-def _glue_checked(response: dict, what: str) -> None:
-    """Glue's batch calls answer 200 and list the entries they could not do."""
-    errors = response.get("Errors") or []
-    if errors:
-        detail = errors[0].get("ErrorDetail", {})
-        raise EtlError(f"Glue could not {what} ({len(errors)} failed; first: {detail.get('ErrorCode')}: "
-                       f"{detail.get('ErrorMessage')})")
-
-
-def _put_glue_table(glue, database: str, table_input: dict) -> None:
-    """Creates the table or updates it in place; a table whose partition keys changed is made anew."""
-    try:
-        current = glue.get_table(DatabaseName=database, Name=table_input["Name"])["Table"]
-    except glue.exceptions.EntityNotFoundException:
-        glue.create_table(DatabaseName=database, TableInput=table_input)
-        return
-    if current.get("PartitionKeys", []) != table_input["PartitionKeys"]:
-        glue.delete_table(DatabaseName=database, Name=table_input["Name"])  # its partitions go with it
-        glue.create_table(DatabaseName=database, TableInput=table_input)
-        return
-    glue.update_table(DatabaseName=database, TableInput=table_input)
-
-
-def _sync_glue_partitions(glue, database: str, table: str, location: str,
-                          wanted: Mapping[Tuple[str, ...], str]) -> Dict[str, int]:
-    """Makes the table's partitions in Glue exactly the published folders: adds, moves and removes."""
-    pages = glue.get_paginator("get_partitions").paginate(DatabaseName=database, TableName=table)
-    existing = {tuple(p["Values"]): p["StorageDescriptor"].get("Location") for page in pages
-                for p in page["Partitions"]}
-    locations = {values: f"{location}/{folder}/" for values, folder in wanted.items()}
-    stale = [values for values in existing if existing[values] != locations.get(values)]
-    new = [values for values in locations if existing.get(values) != locations[values]]
-    for start in range(0, len(stale), GLUE_DELETE_BATCH):
-        batch = [{"Values": list(values)} for values in stale[start:start + GLUE_DELETE_BATCH]]
-        _glue_checked(glue.batch_delete_partition(DatabaseName=database, TableName=table,
-                                                  PartitionsToDelete=batch), f"remove partitions of {table}")
-    for start in range(0, len(new), GLUE_CREATE_BATCH):
-        batch = [{"Values": list(values), "StorageDescriptor": {"Location": locations[values], **PARQUET_STORAGE}}
-                 for values in new[start:start + GLUE_CREATE_BATCH]]
-        _glue_checked(glue.batch_create_partition(DatabaseName=database, TableName=table,
-                                                  PartitionInputList=batch), f"add partitions of {table}")
-    return {"partitions": len(locations), "added": len(new), "removed": len(set(stale) - set(locations))}
-
-
-def register_catalog(settings: Settings, store) -> Dict[str, Dict[str, int]]:
-    """Registers the five published tables and all their partitions in Glue, so Athena can query them with
-    no crawler and no MSCK REPAIR. Idempotent: a rerun updates in place and drops vanished partitions."""
-    glue, database = _glue_client(settings.aws), settings.catalog_database
-    try:
-        glue.get_database(Name=database)
-    except glue.exceptions.EntityNotFoundException:
-        glue.create_database(DatabaseInput={"Name": database, "Description": "Sparkify star schema (etl.py)"})
-    registered = {}
-    for name in TABLES:
-        path, columns = join(settings.output_root, name), settings.partition_by[name]
-        location = s3_uri(path)
-        _put_glue_table(glue, database, glue_table_input(name, location, columns))
-        wanted = published_partitions(store, path, columns) if columns else {}
-        registered[name] = _sync_glue_partitions(glue, database, name, location, wanted)
-    return registered
-
-
-def catalog_step(settings: Settings, store, report: RunReport) -> int:
-    """After a successful publish: register, and say in the report how it went. The tables stay published."""
-    database = settings.catalog_database
-    if not database:
-        report.catalog = {"status": "off"}
-        return 0
-    with phase(report, "catalog") as counts:
-        try:
-            tables = register_catalog(settings, store)
-        except Exception as exc:  # botocore's errors, or ours: one line, the tables stay as published
-            detail = str(exc) if isinstance(exc, EtlError) else _one_line(exc)
-            report.catalog = {"status": "failed", "database": database, "error": detail}
-            return 1
-        report.catalog = {"status": "registered", "database": database, "tables": tables}
-        counts["partitions"] = sum(entry["partitions"] for entry in tables.values())
-    return 0
-
-
-# --------------------------------------------------------------------------- the run
-
-@dataclass
-class RunReport:
-    settings: Settings
-    run_id: str = field(default_factory=lambda: new_run_id())
-    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    status: str = "running"
-    error: Optional[str] = None
-    input: Dict[str, int] = field(default_factory=dict)
-    rejected: Dict[str, int] = field(default_factory=dict)
-    tables: Dict[str, Dict[str, int]] = field(default_factory=dict)
-    checks: List[Check] = field(default_factory=list)
-    phases: Dict[str, float] = field(default_factory=dict)
-    published: List[str] = field(default_factory=list)
-    catalog: Dict[str, object] = field(default_factory=dict)  # the Glue Data Catalog step, once it has run
-    quality: Dict[str, object] = field(default_factory=dict)  # what the quality gate measured (README)
-    current_phase: Optional[str] = None  # the phase running now: where a failed run stopped
-    error_line: Optional[str] = None  # what main tells the user, last, if the run failed
-
-    def document(self) -> dict:
-        return {
-            "status": self.status,
-            "error": self.error,
-            "run_id": self.run_id,
-            "started_at": self.started_at.isoformat(timespec="seconds"),
-            "duration_s": round((datetime.now(timezone.utc) - self.started_at).total_seconds(), 3),
-            "job_version": JOB_VERSION,
-            "spark_version": pyspark.__version__,
-            "input_root": self.settings.input_root,
-            "output_root": self.settings.output_root,
-            "input": self.input,
-            "rejected": {**self.rejected, "path": self.settings.rejected_root},
-            # Only what this run made visible: a run that stopped early claims nothing.
-            "published": self.published,
-            "catalog": self.catalog,
-            "tables": self.tables,
-            "checks": [vars(check) for check in self.checks],
-            "quality": self.quality,
-            "phases_s": self.phases,
-        }
-
-
-def new_run_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
+    return [Unit(settings.rejected_root, tree) for tree in (SONG_DATA, LOG_DATA)] + \
+           [Unit(settings.output_root, name) for name in tables]
+
+
+def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], settings: Settings,
+          report: RunReport, store: Store, spool: Optional[str] = None) -> None:
+    """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/. With a
+    spool folder, Spark writes there (local disk) and the files are then uploaded to the staging prefix."""
+    written: List[Tuple[Unit, str]] = []
+
+    def target(unit: Unit) -> str:
+        path = os.path.join(spool, f"{len(written)}-{unit.name}") if spool else unit.staged(report.run_id)
+        written.append((unit, path))
+        return path
+
+    for tree, frame in rejects.items():
+        # Rejects are few; one file per tree is easiest to inspect.
+        frame.coalesce(1).write.mode("overwrite").json(target(Unit(settings.rejected_root, tree)))
+    for name in tables:
+        pause_point(f"write {name}")
+        with phase(report, f"write {name}") as counts:
+            write_table(tables[name], target(Unit(settings.output_root, name)), settings.partition_by[name])
+            counts["rows"] = report.tables[name]["rows"]
+    if spool:
+        with phase(report, "upload") as counts:
+            counts["files"] = sum(store.upload(path, unit.staged(report.run_id)) for unit, path in written)
 
 
 @contextmanager
-def phase(report: RunReport, name: str) -> Iterator[Dict[str, object]]:
-    """Times a phase; the caller fills in counts to be logged on the same line."""
-    counts: Dict[str, object] = {}
-    start = time.perf_counter()
-    report.current_phase = name
-    yield counts
-    report.current_phase = None
-    seconds = time.perf_counter() - start
-    report.phases[name] = round(seconds, 3)
-    details = ", ".join(f"{value} {key}" for key, value in counts.items())
-    LOG.info("%-16s %6.1fs  %s", name, seconds, details)
+def spool_folder(plan: RunPlan, run_id: str) -> Iterator[Optional[str]]:
+    """A local folder for S3 output on its way up, if the plan spools; removed afterwards (TMPDIR says where)."""
+    if not plan.spool:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f"sparkify-{run_id}-") as folder:
+        yield folder
 
+
+def require_staged_data(store: Store, settings: Settings, tables: Sequence[str], run_id: str) -> None:
+    """The gate saw rows in every table; a staged table without a data file means a committer lost them
+    (say, a staging committer on a cluster without a shared file system). Never publish that."""
+    for name in tables:
+        if not store.has_data(Unit(settings.output_root, name).staged(run_id)):
+            raise EtlError(f"the write of {name} left no data file in staging, though it has rows")
+
+
+# --------------------------------------------------------------------------- the run
 
 def count_rows(frames: Mapping[str, DataFrame]) -> Dict[str, int]:
     """Rows of each frame, in one job; the first count of a cached frame is what fills its cache."""
@@ -1784,9 +991,9 @@ def _read_tree(report: RunReport, tree: str, read: Callable[[], Tuple[DataFrame,
 
 
 def extract(spark: SparkSession, settings: Settings, report: RunReport,
-            listing: Optional[S3Listing] = None) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
+            plan: RunPlan) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
     def reader(tree: str) -> Callable[[], Tuple[DataFrame, int]]:
-        return lambda: read_input(spark, settings.input_root, tree, listing)
+        return lambda: read_input(spark, plan, settings.input_root, tree)
 
     songs, song_rejects = _read_tree(report, SONG_DATA, reader(SONG_DATA), split_songs)
     pause_point("read")
@@ -1805,56 +1012,12 @@ def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Dict[st
     return tables
 
 
-def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
-    return [Unit(settings.rejected_root, tree) for tree in (SONG_DATA, LOG_DATA)] + \
-           [Unit(settings.output_root, name) for name in tables]
-
-
-def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], settings: Settings,
-          report: RunReport, store, spool: Optional[str] = None) -> None:
-    """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/. With a
-    spool folder, Spark writes there (local disk) and the files are then uploaded to the staging prefix."""
-    written: List[Tuple[Unit, str]] = []
-
-    def target(unit: Unit) -> str:
-        path = os.path.join(spool, f"{len(written)}-{unit.name}") if spool else unit.staged(report.run_id)
-        written.append((unit, path))
-        return path
-
-    for tree, frame in rejects.items():
-        # Rejects are few; one file per tree is easiest to inspect.
-        frame.coalesce(1).write.mode("overwrite").json(target(Unit(settings.rejected_root, tree)))
-    for name in tables:
-        pause_point(f"write {name}")
-        with phase(report, f"write {name}") as counts:
-            write_table(tables[name], target(Unit(settings.output_root, name)), settings.partition_by[name])
-            counts["rows"] = report.tables[name]["rows"]
-    if spool:
-        with phase(report, "upload") as counts:
-            counts["files"] = sum(store.upload(path, unit.staged(report.run_id)) for unit, path in written)
-
-
-@contextmanager
-def spool_folder(plan: SparkPlan, run_id: str) -> Iterator[Optional[str]]:
-    """A local folder for S3 output on its way up, if the plan spools; removed afterwards (TMPDIR says where)."""
-    if not plan.spool:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix=f"sparkify-{run_id}-") as folder:
-        yield folder
-
-
-def require_staged_data(store, settings: Settings, tables: Sequence[str], run_id: str) -> None:
-    """The gate saw rows in every table; a staged table without a data file means a committer lost them
-    (say, a staging committer on a cluster without a shared file system). Never publish that."""
-    for name in tables:
-        if not store.has_data(Unit(settings.output_root, name).staged(run_id)):
-            raise EtlError(f"the write of {name} left no data file in staging, though it has rows")
-
-
-def run_job(spark: SparkSession, settings: Settings, store, report: RunReport, plan: SparkPlan) -> bool:
-    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
-    songs, song_rejects, events, event_rejects = extract(spark, settings, report, plan.listing)
+def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
+            lock: Optional[Lock] = None) -> bool:
+    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published. A run
+    that no longer holds the lake (lock) publishes nothing more."""
+    store = plan.output_store
+    songs, song_rejects, events, event_rejects = extract(spark, settings, report, plan)
     tables = transform(songs, events, report)
     with phase(report, "quality gate") as counts:
         pause_point("gate")
@@ -1871,185 +1034,33 @@ def run_job(spark: SparkSession, settings: Settings, store, report: RunReport, p
               settings, report, store, spool)
     require_staged_data(store, settings, to_publish, report.run_id)
     with phase(report, "publish") as counts:
-        publish(store, units(settings, to_publish), report.run_id,
-                join(settings.output_root, STAGING_DIR, report.run_id, PUBLISH_JOURNAL))
+        publish(store, units(settings, to_publish), report.run_id, settings.output_root, lock)
         report.published = [unit.final() for unit in units(settings, to_publish)]
         counts["folders"] = len(report.published)
     report.status = "failed" if failed else "succeeded"
     return not failed
 
 
-def emr_marker() -> Optional[str]:
-    return next((path for path in EMR_MARKERS if os.path.exists(path)), None)
-
-
-def s3a_options(aws: AwsSettings) -> Dict[str, str]:
-    """Hadoop settings for S3A, secrets excepted: those never go on a command line."""
-    if aws.access_key:
-        provider = S3A_PROVIDERS["session" if aws.session_token else "static"]
-    else:
-        provider = S3A_PROVIDERS["chain"]
-    options = {
-        "fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        "fs.s3n.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        "fs.s3a.aws.credentials.provider": provider,
-        # Reading means thousands of small GETs: allow many open connections and upload threads.
-        "fs.s3a.connection.maximum": "200",
-        "fs.s3a.threads.max": "64",
-        "fs.s3a.bucket.probe": "0",  # the preflight has seen the buckets
-        # No DELETE of parent "directory" markers after every file written (Hadoop 3.3.4 deletes them).
-        "fs.s3a.directory.marker.retention": "keep",
-        **S3A_RETRIES,
-    }
-    if aws.region:
-        options["fs.s3a.endpoint.region"] = aws.region
-    if aws.endpoint:
-        # MinIO, LocalStack and moto serve buckets as paths, often over plain http.
-        options["fs.s3a.endpoint"] = aws.endpoint
-        options["fs.s3a.path.style.access"] = "true"
-        options["fs.s3a.connection.ssl.enabled"] = str(aws.endpoint.startswith("https://")).lower()
-    elif aws.region:
-        options["fs.s3a.endpoint"] = f"s3.{aws.region}.amazonaws.com"
-    return options
-
-
-def s3a_secrets(aws: AwsSettings) -> Dict[str, str]:
-    keys = {"fs.s3a.access.key": aws.access_key, "fs.s3a.secret.key": aws.secret_key,
-            "fs.s3a.session.token": aws.session_token}
-    return {key: value for key, value in keys.items() if value}
-
-
-@dataclass(frozen=True)
-class SparkPlan:
-    """How this run sets Spark up; made by plan_spark, the one place that decides it."""
-    conf: Mapping[str, str] = field(default_factory=dict)  # for the session builder: never a secret
-    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)  # set on the live Hadoop configuration
-    # Classes the run needs that spark-submit's own classpath must provide: checked once the JVM is up.
-    needed_classes: Mapping[str, str] = field(default_factory=dict)
-    summary: str = "local paths"
-    # S3 input off EMR: listed by the driver, fetched inside the plan (read_s3_listed); else Spark's readers.
-    listing: Optional[S3Listing] = field(default=None, repr=False)
-    # S3 output under python etl.py: Spark writes to a local folder, whose files are then uploaded (stage).
-    spool: bool = False
-
-
-def plan_spark(settings: Optional[Settings], environ: Mapping[str, str], marker: Optional[str],
-               nio_jar: str = NIO_JAR) -> SparkPlan:
-    """Turns how the job was started (python or spark-submit), where (EMR or not) and what it touches
-    (local paths or S3) into the session's settings and jars, with a summary of why."""
-    # spark-submit starts the JVM before Python runs, so jars and the driver's classpath are already fixed.
-    submitted = "PYSPARK_GATEWAY_PORT" in environ
-    uses_s3 = settings is not None and settings.uses_s3
-    conf: Dict[str, str] = {}
-    if marker:
-        return SparkPlan(summary=f"EMR ({marker}): S3, committers and local files are left to EMR's own set-up")
-    if submitted:
-        nio = "local files through Hadoop's default (spark-submit fixes the driver's classpath before the job runs)"
-    elif os.path.isfile(nio_jar):
-        # On the JVM's classpath from launch: Spark reads local files through fs.file.impl before spark.jars.
-        conf.update({"spark.driver.extraClassPath": nio_jar, "spark.hadoop.fs.file.impl": NIO_FILE_SYSTEM})
-        nio = "local files through java.nio (no chmod process per file)"
-    else:
-        nio = f"local files through Hadoop's default ({nio_jar} not built: run `make setup`)"
-    if not submitted and "PYSPARK_PYTHON" not in environ:
-        # Song files are fetched in Python workers (read_listed), which need what this interpreter has
-        # (boto3 for S3), whereas Spark's default worker is whatever `python3` is first on the PATH.
-        conf["spark.pyspark.python"] = sys.executable
-    if not uses_s3:
-        return SparkPlan(conf=conf, summary=f"local paths; {nio}")
-    listing = S3Listing(settings.aws) if is_s3(settings.input_root) else None
-    reads = "S3 input listed flat and fetched in the plan" if listing else "local input"
-    if not submitted:
-        # python etl.py runs Spark in this process (local mode): its tasks write to this machine's disk, so
-        # S3 output is spooled there and uploaded by boto3, one PUT per file, many at once. No S3A at all.
-        conf.update(_quiet_failures())
-        spool = is_s3(settings.output_root)
-        writes = f"S3 output written to local disk, then PUT by boto3 ({S3_REQUESTS_IN_FLIGHT} in flight)" \
-            if spool else "local output"
-        return SparkPlan(conf=conf, listing=listing, spool=spool,
-                         summary=f"{reads}; {writes}; credentials from the {settings.aws.source}; {nio}")
-    conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(settings.aws).items()})
-    conf.update(MAGIC_COMMITTER)
-    needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
-    return SparkPlan(conf=conf, secrets=s3a_secrets(settings.aws), needed_classes=needed, listing=listing,
-                     summary=f"{reads}; S3 through S3A and its magic committer, jars from spark-submit's --jars "
-                             f"or --packages, credentials from the {settings.aws.source}; {nio}")
-
-
-def _quiet_failures() -> Dict[str, str]:
-    """A lost endpoint fails tasks; Spark logs each failure with its stack trace. conf/log4j2.properties keeps
-    traces off the console: the job's own `error:` line says what failed (spark-submit: README)."""
-    return {"spark.driver.extraJavaOptions": f"-Dlog4j.configurationFile={LOG4J_CONF}"} \
-        if os.path.isfile(LOG4J_CONF) else {}
-
-
-def create_spark_session(plan: Optional[SparkPlan] = None) -> SparkSession:
-    plan = plan or plan_spark(None, os.environ, emr_marker())
-    builder = SparkSession.builder.appName(APP_NAME)
-    for key, value in {**SESSION_CONF, **plan.conf}.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    _require_classes(spark, plan.needed_classes)
-    if plan.spool and not spark.sparkContext.master.startswith("local"):
-        # A cluster's tasks would write to their own machines' disks, which this driver cannot upload from.
-        master = spark.sparkContext.master
-        spark.stop()
-        raise EtlError(f"python etl.py writes S3 output through local disk, which needs a local master, not "
-                       f"{master}: use spark-submit for a cluster (README, \"spark-submit\")")
-    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
-    for key, value in plan.secrets.items():
-        hadoop_conf.set(key, value)
-    chosen_by_user = dict(spark.sparkContext.getConf().getAll())
-    for key, value in tuning(spark.sparkContext.defaultParallelism).items():
-        if key not in chosen_by_user:
-            spark.conf.set(key, value)
-    no_local_checksum_files(spark)
-    return spark
-
-
-def no_local_checksum_files(spark: SparkSession) -> None:
-    """Local disk without Hadoop's .crc side files.
-
-    Hadoop's local file system writes a .crc file beside every file (twice the files, the folders' renames
-    twice over) and looks for one before reading each input file. Parquet checks its pages itself. No
-    setting turns this off: it is a switch on the file system object, which Hadoop caches per JVM, and in
-    local mode Spark's tasks run in this JVM and get this same object.
-    """
-    jvm = spark.sparkContext._jvm
-    local = jvm.org.apache.hadoop.fs.FileSystem.getLocal(spark.sparkContext._jsc.hadoopConfiguration())
-    local.setWriteChecksum(False)
-    local.setVerifyChecksum(False)
-
-
-def _require_classes(spark: SparkSession, classes: Mapping[str, str]) -> None:
-    loader = spark.sparkContext._jvm.Thread.currentThread().getContextClassLoader()
-    for name, provider in classes.items():
+def catalog_step(settings: Settings, plan: RunPlan, report: RunReport) -> int:
+    """After a successful publish: register, and say in the report how it went. The tables stay published."""
+    database = settings.catalog_database
+    if not database:
+        report.catalog = {"status": "off"}
+        return 0
+    with phase(report, "catalog") as counts:
         try:
-            spark.sparkContext._jvm.java.lang.Class.forName(name, False, loader)
-        except Exception:
-            spark.stop()
-            raise EtlError(f"{provider} is not on spark-submit's classpath ({name}): pass the jars with "
-                           f"--jars or --packages (README, \"spark-submit\")") from None
+            tables = register_catalog(database, settings.output_root, settings.partition_by, plan.output_store,
+                                      settings.aws)
+        except Exception as exc:  # botocore's errors, or ours: one line, the tables stay as published
+            detail = str(exc) if isinstance(exc, EtlError) else one_line(exc)
+            report.catalog = {"status": "failed", "database": database, "error": detail}
+            return 1
+        report.catalog = {"status": "registered", "database": database, "tables": tables}
+        counts["partitions"] = sum(entry["partitions"] for entry in tables.values())
+    return 0
 
 
-def tuning(cores: int) -> Dict[str, str]:
-    """Settings measured on this job's data (README, "Speed"); a user's own --conf still wins."""
-    return {
-        # The default of 200 is sized for large clusters; our shuffles are a few MB.
-        "spark.sql.shuffle.partitions": str(max(4, 2 * cores)),
-        # Song files are ~250 bytes each. At the default open cost (4 MB) Spark plans one task per 32 files,
-        # ~470 tasks for 15,000 files; at 8 KB it packs them into one task per core.
-        "spark.sql.files.openCostInBytes": str(8 * 1024),
-        # Block locations mean nothing for local disks or S3, and asking costs a call per file.
-        "spark.sql.sources.ignoreDataLocality": "true",
-    }
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
+# --------------------------------------------------------------------------- main
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -2057,128 +1068,92 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines say where it found endpoints
     try:
         settings = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv), os.environ)
-        preflight_local(settings)
-        plan = plan_spark(settings, os.environ, emr_marker())
-        preflight_s3(settings)
+        plan = plan_run(settings, os.environ, emr_marker())
+        preflight(settings, plan)
     except EtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_id = new_run_id()
+    report = RunReport(settings.input_root, settings.output_root, settings.rejected_root, JOB_VERSION,
+                       pyspark.__version__)
+    lock = plan.output_store.lock(settings.output_root)
     try:
-        store = open_store(settings.output_root, settings.aws)
-        store.take_lock(settings.output_root, run_id)
+        lock.take(report.run_id)
     except EtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # S3 itself failing, having passed the preflight seconds ago
-        print(f"error: cannot lock {settings.output_root}: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: cannot lock {settings.output_root}: {one_line(exc)}", file=sys.stderr)
         return 1
-    report = RunReport(settings, run_id=run_id)
     try:
-        code = locked_run(settings, plan, store, report)
+        code = locked_run(settings, plan, report, lock)
     finally:
         try:
-            store.release_lock(settings.output_root)
-        except Exception as exc:  # S3 gone: the lease goes stale by itself (LEASE_TTL_S)
-            LOG.warning("could not release the lease on %s: %s", settings.output_root, _one_line(exc))
+            lock.release()
+        except Exception as exc:  # S3 gone: the lease goes stale by itself
+            LOG.warning("could not release the lease on %s: %s", settings.output_root, one_line(exc))
     if report.error_line:
         print(f"error: {report.error_line}", file=sys.stderr)  # last, so it is the line a user sees
     return code
 
 
-def locked_run(settings: Settings, plan: SparkPlan, store, report: RunReport) -> int:
+def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optional[Lock] = None) -> int:
     """Everything after the lock: recovery, the run, and a report that says at every moment what is true."""
+    store, roots = plan.output_store, staging_roots(settings)
     LOG.info("input %s -> output %s, run %s", settings.input_root, settings.output_root, report.run_id)
-    LOG.info("Spark set-up: %s", plan.summary)
+    LOG.info("Spark set-up: %s", plan.spark.summary)
     try:
-        finished = recover(store, staging_roots(settings), settings.output_root)
-        begin_report(store, settings, report, finished)
+        finished = recover(store, roots, settings.output_root, lock)
+        open_staging(store, settings.output_root, report.run_id)
+        begin_report(store, report, finished)
     except Exception as exc:
-        print(f"error: cannot prepare {settings.output_root}: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
         return 1
     try:
         with phase(report, "start spark"):
             spark = create_spark_session(plan)
     except Exception as exc:  # no Java, say, or jars missing; nothing has been read or written yet
-        report.error = str(exc) if isinstance(exc, EtlError) else f"cannot start Spark: {_one_line(exc)}"
-        code = end_report(store, settings, report, 2 if isinstance(exc, EtlError) else 1)
+        report.error = str(exc) if isinstance(exc, EtlError) else f"cannot start Spark: {one_line(exc)}"
+        code = end_report(store, report, roots, 2 if isinstance(exc, EtlError) else 1, lock)
         print(f"error: {report.error}", file=sys.stderr)  # last, so it is the line a user sees
         return code
     try:
-        code = 0 if run_job(spark, settings, store, report, plan) else 1
+        code = 0 if run_job(spark, settings, plan, report, lock) else 1
     except Exception as exc:  # the report must still say the run failed
-        report.error = _one_line(exc)
+        report.error = str(exc) if isinstance(exc, EtlError) else one_line(exc)
         LOG.error("run failed: %s", report.error)
         code = 1
     finally:
         spark.stop()
     if report.error and not report.error_line:  # the gate writes its own
-        report.error_line = failure_line(report, settings)
+        report.error_line = failure_line(report, settings, plan)
     if code == 0:
-        code = catalog_step(settings, store, report)
+        code = catalog_step(settings, plan, report)
     if report.catalog.get("status") == "failed":
         report.error_line = (f"the tables are published, but registering them in the Glue Data Catalog "
                              f"(database {settings.catalog_database}) failed: {report.catalog['error']}")
-    return end_report(store, settings, report, code)
+    return end_report(store, report, roots, code, lock)
 
 
-def failure_line(report: RunReport, settings: Settings) -> str:
+def failure_line(report: RunReport, settings: Settings, plan: RunPlan) -> str:
     """What stopped the run, in one line: where it was, and whether anything was published."""
     where = f"the run stopped in '{report.current_phase}'" if report.current_phase else "the run stopped"
-    published = "publishing was cut short (the next run completes it)" if report.current_phase == "publish" \
-        else "nothing was published"
-    if settings.uses_s3 and not s3_reachable(settings):
-        return f"cannot reach S3 at {settings.aws.endpoint or 'the AWS endpoint'}: {where}; {published}"
-    return f"{where}: {report.error}; {published}"
+    # A failed run may be a lost endpoint: one quick request to each store says so.
+    lost = plan.output_store.unreachable(settings.output_root) or plan.input_store.unreachable(settings.input_root)
+    cut_short = report.current_phase == "publish" and (bool(lost) or _journal_left(plan.output_store, settings, report))
+    published = "publishing was cut short (the next run completes it)" if cut_short else "nothing was published"
+    return f"{lost}: {where}; {published}" if lost else f"{where}: {report.error}; {published}"
 
 
-def s3_reachable(settings: Settings) -> bool:
-    """One quick request: is the endpoint still there (a failed run may be a lost endpoint)?"""
+def _journal_left(store: Store, settings: Settings, report: RunReport) -> bool:
+    """A publish is under way once its journal is written, until it is finished or undone (the journal goes)."""
     try:
-        bucket, _ = split_s3(next(root for root in (settings.output_root, settings.input_root) if is_s3(root)))
-        _s3_client(settings.aws, attempts=1).head_bucket(Bucket=bucket)
+        return store.read_json(journal_path(settings.output_root, report.run_id)) is not None
+    except Exception:  # cannot tell: say what the next run will do if it is
         return True
-    except Exception as exc:
-        from botocore.exceptions import ClientError
-
-        return isinstance(exc, ClientError)  # S3 answered, if only with a refusal
 
 
 def staging_roots(settings: Settings) -> List[str]:
     return list(dict.fromkeys((settings.output_root, settings.rejected_root)))
-
-
-def begin_report(store, settings: Settings, report: RunReport, finished: Mapping[str, List[str]]) -> None:
-    """A run in progress says so; a previous run that never finished is filed as interrupted, with the
-    folders recovery published for it, if it had got as far as its publish."""
-    latest = join(settings.output_root, REPORT_NAME)
-    previous = store.read_json(latest)
-    if previous and previous.get("status") == "running":
-        previous.update(status="interrupted", error="the run stopped before it finished (killed?)")
-        if previous.get("run_id") in finished:
-            previous.update(published=finished[previous["run_id"]], published_by=report.run_id)
-        store.write_json(join(settings.output_root, RUNS_DIR, f"{previous.get('run_id')}.json"), previous)
-    store.write_json(latest, report.document())
-
-
-def end_report(store, settings: Settings, report: RunReport, code: int) -> int:
-    """Clears this run's staging (journal first), then files the final report; returns the exit code."""
-    if report.status == "running":
-        report.status = "failed"
-    document = report.document()
-    try:
-        store.remove(join(settings.output_root, STAGING_DIR, report.run_id, PUBLISH_JOURNAL))
-        for root in staging_roots(settings):
-            store.remove(join(root, STAGING_DIR, report.run_id))
-            if not store.children(join(root, STAGING_DIR)):
-                store.remove(join(root, STAGING_DIR))
-        store.write_json(join(settings.output_root, RUNS_DIR, f"{report.run_id}.json"), document)
-        store.write_json(join(settings.output_root, REPORT_NAME), document)
-    except Exception as exc:
-        LOG.error("could not finish the run report in %s: %s", settings.output_root, _one_line(exc))
-        return code or 1
-    LOG.info("run %s; report at %s", report.status, join(settings.output_root, REPORT_NAME))
-    return code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import boto3
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from conftest import SAMPLE, maven_jars, read_tables
+from conftest import SAMPLE, py_files, read_tables, s3_jars
+from lake.plan import APP_NAME
+from lake.report import REPORT_NAME
 from test_s3 import download, spark_submit
 
 SECRET = "sEcReT-cluster-9d2e41-never-log-me"
@@ -55,7 +57,7 @@ def test_spark_submit_on_a_standalone_cluster_equals_a_local_run_and_keeps_secre
         # and Spark ships that configuration to the executors with each job.
         result = spark_submit("--master", spark_cluster["url"], "--conf", "spark.driver.host=127.0.0.1",
                               "--conf", "spark.executor.memory=1g", "--conf", "spark.ui.enabled=false",
-                              "--jars", ",".join(maven_jars()), etl.__file__, "--config", config,
+                              "--jars", ",".join(s3_jars()), *py_files(), etl.__file__, "--config", config,
                               "--input", "s3://cluster-in/", "--output", "s3://cluster-lake/lake", env=env)
     finally:
         executors.done.set()
@@ -64,7 +66,7 @@ def test_spark_submit_on_a_standalone_cluster_equals_a_local_run_and_keeps_secre
 
     with urllib.request.urlopen(f"{spark_cluster['web_ui']}/json/") as response:
         apps = json.load(response)["completedapps"]
-    assert [app["name"] for app in apps] == [etl.APP_NAME]  # it ran on the cluster, not in local mode
+    assert [app["name"] for app in apps] == [APP_NAME]  # it ran on the cluster, not in local mode
     assert executors.seen, "no executor process was seen"
     assert all(not name.startswith("AWS_") for names in executors.seen.values() for name in names)
 
@@ -72,7 +74,7 @@ def test_spark_submit_on_a_standalone_cluster_equals_a_local_run_and_keeps_secre
     tables, expected = read_tables(spark, lake), read_tables(spark, sample_output)
     for name in etl.TABLES:
         assertDataFrameEqual(tables[name], expected[name])
-    report = json.loads((lake / etl.REPORT_NAME).read_text())
+    report = json.loads((lake / REPORT_NAME).read_text())
     assert report["status"] == "succeeded" and report["catalog"]["status"] == "registered"
     assert sorted(t["Name"] for t in glue.get_tables(DatabaseName=DATABASE)["TableList"]) == sorted(etl.TABLES)
 

@@ -1,6 +1,6 @@
 """A killed run never empties a table: SIGKILL at each step, then every table is yesterday's or today's.
 
-A run stops at pause points (SPARKIFY_PAUSE_AT, etl.pause_point) and is killed with SIGKILL to its whole
+A run stops at pause points (SPARKIFY_PAUSE_AT, lake.publish.pause_point) and is killed with SIGKILL to its whole
 process group, Python and JVM alike. SIGKILL lets no code run, so a kill at a pause point leaves the lake
 exactly as it is while the run waits there: one run pauses at every point in turn, the lake is copied at
 each (the run goes on at a line on its stdin), and the run is killed at the last. Tables are read back the
@@ -20,6 +20,10 @@ import pytest
 
 import etl
 from conftest import ETL, SAMPLE
+from lake.lock import LEASE_NAME
+from lake.publish import PAUSE_ENV
+from lake.report import REPORT_NAME, RUNS_DIR
+from lake.stores import STAGING_DIR
 
 PAUSE_TIMEOUT_S = 300
 LOCAL_KILLS = ["read", "gate", *[f"write {name}" for name in etl.TABLES], "publish", f"published {etl.SONGS}"]
@@ -40,7 +44,7 @@ def make_input(root, days, drop_songs=0):
 
 def start(config, *args, pause=(), env=None):
     """The job in its own process group, pausing at each of the points named in pause."""
-    environment = {**os.environ, **(env or {}), **({etl.PAUSE_ENV: ",".join(pause)} if pause else {})}
+    environment = {**os.environ, **(env or {}), **({PAUSE_ENV: ",".join(pause)} if pause else {})}
     return subprocess.Popen([sys.executable, ETL, "--config", config, *map(str, args)], env=environment,
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             start_new_session=True)
@@ -111,7 +115,7 @@ def assert_each_table_is_one_version(root, old, new):
 
 def staged_leftovers(root):
     return [os.path.join(folder, name) for folder, dirs, files in os.walk(root)
-            for name in dirs + files if name == etl.STAGING_DIR]
+            for name in dirs + files if name == STAGING_DIR]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +168,7 @@ def test_a_kill_leaves_every_table_whole(versions, killed_lakes, moment):
         assert status == 2 and stderr.strip().startswith(f"error: another run is writing to {live}"), stderr
 
     current = assert_each_table_is_one_version(lake, old, new)
-    report = json.loads((lake / etl.REPORT_NAME).read_text())
+    report = json.loads((lake / REPORT_NAME).read_text())
     assert report["status"] == "running" and report["published"] == []
     if moment.startswith("published"):
         assert current[etl.SONGS] == new[etl.SONGS] and current[etl.SONGPLAYS] == old[etl.SONGPLAYS]
@@ -178,19 +182,47 @@ def test_the_next_run_finishes_or_clears_a_killed_one(versions, killed_lakes, em
     live, lakes, _ = killed_lakes
     # A publish journal names the lake's own folder: after the last moment, the next run goes where the run was.
     lake = live if moment == LOCAL_KILLS[-1] else shutil.copytree(lakes[moment], tmp_path / "lake")
-    killed_id = json.loads((lake / etl.REPORT_NAME).read_text())["run_id"]
+    killed_id = json.loads((lake / REPORT_NAME).read_text())["run_id"]
 
     assert run(empty_config, "--input", inputs["new"], "--output", lake)[0] == 0
     assert snapshot(lake) == new and staged_leftovers(lake) == []
-    latest = json.loads((lake / etl.REPORT_NAME).read_text())
+    latest = json.loads((lake / REPORT_NAME).read_text())
     assert latest["status"] == "succeeded"
-    interrupted = json.loads((lake / etl.RUNS_DIR / f"{killed_id}.json").read_text())
+    interrupted = json.loads((lake / RUNS_DIR / f"{killed_id}.json").read_text())
     assert interrupted["status"] == "interrupted"
     if moment.startswith("published"):  # the killed run had started its publish: the next run finished it
         assert sorted(interrupted["published"]) == sorted(latest["published"])
         assert interrupted["published_by"] == latest["run_id"]
     else:
         assert interrupted["published"] == [] and "published_by" not in interrupted
+
+
+def test_runs_sharing_a_rejects_root_never_touch_each_others_staging(versions, empty_config, tmp_path):
+    """Two outputs, one REJECTED_DATA: a run of the second, start to end, while a run of the first waits with
+    its rejects staged; the first then publishes its own rejects, which the second's recovery left alone."""
+    inputs, _, _, _ = versions
+    first_input = shutil.copytree(inputs["new"], tmp_path / "in-first")
+    (first_input / "song_data" / "bad-song.json").write_text("not json\n")
+    rejects = tmp_path / "rejects"
+    env = {"REJECTED_DATA": str(rejects)}
+    first = start(empty_config, "--input", first_input, "--output", tmp_path / "first", pause=[f"write {etl.SONGS}"],
+                  env=env)
+    try:
+        wait_for_pause(first, f"write {etl.SONGS}")
+        first_id = json.loads((tmp_path / "first" / REPORT_NAME).read_text())["run_id"]
+        staged = rejects / STAGING_DIR / first_id / etl.SONG_DATA
+        assert staged.is_dir()
+        assert run(empty_config, "--input", inputs["old"], "--output", tmp_path / "second", env=env)[0] == 0
+        assert staged.is_dir()
+        resume(first)
+        stderr = first.stderr.read()
+        assert first.wait(timeout=PAUSE_TIMEOUT_S) == 0, stderr[-3000:]
+    finally:
+        kill(first)
+    published = [json.loads(line) for path in (rejects / etl.SONG_DATA).glob("part-*")
+                 for line in path.read_text().splitlines()]
+    assert [row["source_file"].rsplit("/", 1)[-1] for row in published] == ["bad-song.json"], published
+    assert staged_leftovers(rejects) == []
 
 
 # --------------------------------------------------------------------------- S3
@@ -204,7 +236,7 @@ def s3_versions(versions, s3_endpoint):
     client.create_bucket(Bucket="crash-bucket")
     for name, root in [*inputs.items(), ("lake-old", outputs["old"])]:
         for path in root.rglob("*"):
-            if path.is_file() and not path.name.startswith(".") and etl.RUNS_DIR not in path.parts:
+            if path.is_file() and not path.name.startswith(".") and RUNS_DIR not in path.parts:
                 client.upload_file(str(path), "crash-bucket", f"{name}/{path.relative_to(root).as_posix()}")
     return client, old, new
 
@@ -263,20 +295,47 @@ def test_a_kill_on_s3_leaves_every_table_whole_and_the_next_run_finishes(s3_vers
     assert run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)[0] == 0
     after = download(client, name, tmp_path / "after")
     assert snapshot(after) == new and staged_leftovers(after) == []
-    assert not (after / etl.LEASE_NAME).exists()
+    assert not (after / LEASE_NAME).exists()
 
 
 def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(s3_versions, s3_endpoint, empty_config):
     client, old, new = s3_versions
     lake, env = s3_lake(client, "leased"), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
     lease = {"run_id": "20261124T000000Z-deadbeef", "host": "elsewhere", "pid": 1}
-    client.put_object(Bucket="crash-bucket", Key=f"leased/{etl.LEASE_NAME}",
+    client.put_object(Bucket="crash-bucket", Key=f"leased/{LEASE_NAME}",
                       Body=json.dumps({**lease, "expires_at": time.time() + 600}))
     status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
     assert status == 2 and stderr.strip().startswith(
         f"error: another run is writing to {lake} (run 20261124T000000Z-deadbeef on elsewhere"), stderr
 
-    client.put_object(Bucket="crash-bucket", Key=f"leased/{etl.LEASE_NAME}",
+    client.put_object(Bucket="crash-bucket", Key=f"leased/{LEASE_NAME}",
                       Body=json.dumps({**lease, "expires_at": time.time() - 1}))
     status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
     assert status == 0 and "taking over the stale lease of run 20261124T000000Z-deadbeef" in stderr
+
+
+def test_a_run_that_lost_its_lease_publishes_nothing(s3_versions, s3_endpoint, empty_config, tmp_path):
+    """The run is paused at the gate while another run takes its lease over (as one would that found it
+    stale: the paused run's clock, say, or a stalled machine); resumed, it stops at its publish."""
+    client, old, _ = s3_versions
+    lake, env = s3_lake(client, "lost-lease"), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, pause=["gate"], env=env)
+    try:
+        wait_for_pause(process, "gate")
+        thief = {"run_id": "20261129T000000Z-0123abcd", "host": "elsewhere", "pid": 1, "token": "thief",
+                 "expires_at": time.time() + 600}
+        client.put_object(Bucket="crash-bucket", Key=f"lost-lease/{LEASE_NAME}", Body=json.dumps(thief))
+        resume(process)
+        stderr = process.stderr.read()
+        status = process.wait(timeout=PAUSE_TIMEOUT_S)
+    finally:
+        kill(process)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 1 and errors == [stderr.strip().splitlines()[-1]], stderr[-3000:]
+    assert "lost its lease" in errors[0] and "run 20261129T000000Z-0123abcd on elsewhere" in errors[0], errors
+    assert errors[0].endswith("; nothing was published"), errors
+
+    after = download(client, "lost-lease", tmp_path / "after")
+    assert snapshot(after) == old and staged_leftovers(after) == []
+    assert json.loads((after / LEASE_NAME).read_text())["run_id"] == thief["run_id"]
+    assert json.loads((after / REPORT_NAME).read_text())["status"] == "running"  # the latest is not the loser's to end

@@ -8,6 +8,7 @@ from pyspark.testing import assertDataFrameEqual
 
 import etl
 from conftest import SAMPLE, read_tables
+from lake.report import REPORT_NAME
 
 FIGURES = {"songs": 71, "artists": 69, "users": 97, "songplays": 6820, "time": 6813}
 
@@ -104,7 +105,7 @@ def test_junk_files_change_nothing(spark, run_etl, sample_output, tmp_path):
     result = run_etl("--input", junky, "--output", tmp_path / "output")
     assert result.returncode == 0, result.stderr
     assert_same_tables(spark, tmp_path / "output", sample_output)
-    report = json.loads((tmp_path / "output" / etl.REPORT_NAME).read_text())
+    report = json.loads((tmp_path / "output" / REPORT_NAME).read_text())
     assert report["rejected"]["song_data"] == report["rejected"]["log_data"] == 0
     assert report["input"]["song_files"] == 71 and report["input"]["log_files"] == 30
 

@@ -13,6 +13,8 @@ from pyspark.testing import assertDataFrameEqual
 
 import etl
 from conftest import ROOT, SAMPLE, read_tables
+from lake.report import REPORT_NAME, RUNS_DIR
+from lake.stores import LocalStore
 
 CHECK_NAMES = {
     "song_id is present in song records", "ts is present in events", "page is present in events",
@@ -27,7 +29,7 @@ CHECK_NAMES = {
 
 
 def report_of(output):
-    return json.loads((Path(output) / etl.REPORT_NAME).read_text())
+    return json.loads((Path(output) / REPORT_NAME).read_text())
 
 
 def test_report_of_a_good_run(sample_output):
@@ -70,7 +72,8 @@ def test_planted_bad_lines_are_counted_and_kept_exactly(spark, run_etl, sample_o
     assert (report["rejected"]["song_data"], report["rejected"]["log_data"]) == (1, len(PLANTED_EVENTS))
     assert report["input"]["log_events"] == 8056 + len(PLANTED_EVENTS)  # blank lines are not records
     kept = spark.read.json(report["rejected"]["path"] + "/log_data").select("line", "reason", "source_file")
-    expected = spark.createDataFrame([(kept_as or line, reason, f"file:{day}") for line, reason, kept_as in PLANTED_EVENTS],
+    expected = spark.createDataFrame([(kept_as or line, reason, f"file:{day}")
+                                      for line, reason, kept_as in PLANTED_EVENTS],
                                      "line string, reason string, source_file string")
     assertDataFrameEqual(kept, expected)
     kept_songs = spark.read.json(report["rejected"]["path"] + "/song_data").select("reason", "source_file")
@@ -128,6 +131,7 @@ def kept_as(line):
         return base64.b64encode(line).decode("ascii")
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_both_readers_keep_a_rejected_line_as_it_arrived(spark, tmp_path):
     day = tmp_path / "log_data" / "day.json"
     day.parent.mkdir()
@@ -142,6 +146,7 @@ def test_both_readers_keep_a_rejected_line_as_it_arrived(spark, tmp_path):
         assertDataFrameEqual(etl.split_events(raw)[1], expected)
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_unknown_fields_are_counted_per_field(spark, tmp_path):
     day = tmp_path / "log_data" / "day.json"
     day.parent.mkdir()
@@ -155,6 +160,7 @@ def test_unknown_fields_are_counted_per_field(spark, tmp_path):
     assert etl.profile_read(raw, etl.LOG_DATA)["unknown_fields"] == {"appVersion": 1, "user_id": 3}
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_required_fields_are_counted_where_they_are_expected(spark, tmp_path):
     day = tmp_path / "log_data" / "day.json"
     day.parent.mkdir()
@@ -189,6 +195,7 @@ def failed_names(checks):
 
 @pytest.mark.parametrize("field, where", [("song_id", "song records"), ("ts", "events"), ("page", "events"),
                                           ("userId", "NextSong events"), ("song", "NextSong events")])
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_a_required_field_missing_in_an_unusual_share_fails(field, where):
     quality = etl.QualitySettings(max_missing_share=0.1)
     usual = etl.required_field_checks(profile({field: {"expected": 1000, "missing": 100}}), quality)
@@ -197,6 +204,7 @@ def test_a_required_field_missing_in_an_unusual_share_fails(field, where):
     assert failed_names(unusual) == {f"{field} is present in {where}"}
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_a_handful_of_lines_without_a_required_field_never_fails():
     few = profile({"song_id": {"expected": 72, "missing": etl.MIN_MISSING_LINES - 1}})
     assert failed_names(etl.required_field_checks(few, etl.QualitySettings())) == set()
@@ -213,6 +221,7 @@ BREAKS = {
 }
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 @pytest.mark.parametrize("name", etl.TABLES)
 def test_a_table_that_does_not_reconcile_with_what_was_read_fails(song_records, event_records, name):
     from test_build import ms, play, song
@@ -226,6 +235,7 @@ def test_a_table_that_does_not_reconcile_with_what_was_read_fails(song_records, 
         {f"{name} has one row per {etl.READ_ROWS[name]}"}
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_an_empty_table_fails(song_records, event_records):
     from test_build import play, song
 
@@ -244,6 +254,7 @@ def previous_run(**changes):
     return {"run_id": "20181101T000000Z-0000aaaa", "status": "succeeded", "quality": {"figures": figures(**changes)}}
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_a_table_losing_more_rows_than_allowed_fails():
     quality = etl.QualitySettings(max_rows_fall=0.1)
     assert failed_names(etl.drift_checks(figures(rows=900), previous_run(rows=1000), quality)) == set()
@@ -251,6 +262,7 @@ def test_a_table_losing_more_rows_than_allowed_fails():
     assert failed_names(lost) == {f"{name} rows did not fall" for name in etl.TABLES}
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_a_match_rate_falling_more_than_allowed_fails():
     quality = etl.QualitySettings(max_match_rate_fall=0.25)
     assert failed_names(etl.drift_checks(figures(matched=150), previous_run(matched=200), quality)) == set()
@@ -258,11 +270,13 @@ def test_a_match_rate_falling_more_than_allowed_fails():
         {"match rate did not fall"}
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_a_match_rate_of_a_few_plays_is_not_compared():
     few = etl.MIN_MATCHED_TO_COMPARE - 1
     assert failed_names(etl.drift_checks(figures(matched=0), previous_run(matched=few), etl.QualitySettings())) == set()
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_a_rejected_share_rising_more_than_allowed_fails():
     quality = etl.QualitySettings(max_rejected_share_rise=0.01)
     assert failed_names(etl.drift_checks(figures(rejected_share=0.015), previous_run(rejected_share=0.005),
@@ -271,11 +285,13 @@ def test_a_rejected_share_rising_more_than_allowed_fails():
                                          quality)) == {"log_data rejected share did not rise"}
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_without_an_earlier_run_drift_passes_and_says_so():
     checks = etl.drift_checks(figures(rows=0, matched=0), None, etl.QualitySettings())
     assert failed_names(checks) == set() and all(check.previous is None for check in checks)
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_an_earlier_report_without_the_gates_figures_still_gives_rows_and_rejected_shares():
     old = {"run_id": "r", "status": "succeeded", "tables": {name: {"rows": 1000} for name in etl.TABLES},
            "input": {"song_records": 100, "log_events": 1000}, "rejected": {"song_data": 0, "log_data": 10}}
@@ -285,15 +301,17 @@ def test_an_earlier_report_without_the_gates_figures_still_gives_rows_and_reject
     assert checks["match rate did not fall"].passed and checks["match rate did not fall"].previous is None
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_the_baseline_is_the_newest_run_that_succeeded(tmp_path):
-    store = etl.LocalStore()
+    store = LocalStore()
     for run_id, status in [("20181101T000000Z-a", "succeeded"), ("20181102T000000Z-b", "succeeded"),
                            ("20181103T000000Z-c", "failed"), ("20181104T000000Z-d", "interrupted")]:
-        store.write_json(str(tmp_path / etl.RUNS_DIR / f"{run_id}.json"), {"run_id": run_id, "status": status})
+        store.write_json(str(tmp_path / RUNS_DIR / f"{run_id}.json"), {"run_id": run_id, "status": status})
     assert etl.last_successful_run(store, str(tmp_path))["run_id"] == "20181102T000000Z-b"
     assert etl.last_successful_run(store, str(tmp_path / "elsewhere")) is None
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_thresholds_come_from_the_quality_section(tmp_path):
     config = tmp_path / "dl.cfg"
     config.write_text("[QUALITY]\nMAX_ROWS_FALL = 0.2\nMAX_MISSING_SHARE =\n")
@@ -301,6 +319,7 @@ def test_thresholds_come_from_the_quality_section(tmp_path):
     assert settings.quality == etl.QualitySettings(max_rows_fall=0.2)
 
 
+@pytest.mark.check  # `make check`: a rule of the gate or of the rejects
 def test_a_threshold_that_is_not_a_share_is_one_line(run_etl, tmp_path):
     config = tmp_path / "dl.cfg"
     config.write_text("[QUALITY]\nMAX_ROWS_FALL = 10%\n")

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import etl  # noqa: E402
+from lake.publish import finish_publish  # noqa: E402
+from lake.stores import S3_REQUESTS_IN_FLIGHT, STAGING_DIR, LocalStore, S3Store, Unit  # noqa: E402
 
 BUCKET = "publish-bench"
 RUN_ID = "bench"
@@ -36,10 +38,10 @@ def time_publish(store, root):
     """Publishes each staged table of RUN_ID over the current one; returns {table: seconds}."""
     seconds = {}
     for name in etl.TABLES:
-        unit = etl.Unit(root, name)
+        unit = Unit(root, name)
         journal = {"run_id": RUN_ID, "units": [{**vars(unit), **store.plan_publish(unit, RUN_ID)}]}
         started = time.perf_counter()
-        etl.finish_publish(store, journal)
+        finish_publish(store, journal)
         seconds[name] = round(time.perf_counter() - started, 4)
     return seconds
 
@@ -49,9 +51,9 @@ def local(lake):
     try:
         root = str(work / "lake")
         for name in etl.TABLES:  # the published version, and the same tables staged as a new run's
-            shutil.copytree(Path(lake) / name, etl.Unit(root, name).final())
-            shutil.copytree(Path(lake) / name, etl.Unit(root, name).staged(RUN_ID))
-        return time_publish(etl.LocalStore(), root)
+            shutil.copytree(Path(lake) / name, Unit(root, name).final())
+            shutil.copytree(Path(lake) / name, Unit(root, name).staged(RUN_ID))
+        return time_publish(LocalStore(), root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -66,11 +68,11 @@ def s3(lake, endpoint):
     files = [path for name in etl.TABLES for path in (Path(lake) / name).rglob("*")
              if path.is_file() and not path.name.startswith(".")]
     uploads = [(path, f"lake/{path.relative_to(lake).as_posix()}") for path in files]
-    uploads += [(path, f"lake/{etl.STAGING_DIR}/{RUN_ID}/{path.relative_to(lake).as_posix()}") for path in files]
-    with ThreadPoolExecutor(etl.S3_REQUESTS_IN_FLIGHT) as pool:
+    uploads += [(path, f"lake/{STAGING_DIR}/{RUN_ID}/{path.relative_to(lake).as_posix()}") for path in files]
+    with ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT) as pool:
         list(pool.map(lambda item: client.upload_file(str(item[0]), BUCKET, item[1]), uploads))
     aws = etl.AwsSettings("bench", "bench", region="us-east-1", endpoint=endpoint)
-    return time_publish(etl.S3Store(aws), f"s3://{BUCKET}/lake")
+    return time_publish(S3Store(aws), f"s3://{BUCKET}/lake")
 
 
 def moto_server():

@@ -13,11 +13,11 @@ from pathlib import Path
 import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from etl import TABLE_COLUMNS  # noqa: E402  (the contract's columns, stated once)
+from lake.tables import SPECS  # noqa: E402  (the contract's columns, stated once)
 
 
 def _rows(root, table):
-    columns = ", ".join(TABLE_COLUMNS[table])
+    columns = ", ".join(SPECS[table].column_names)
     return f"SELECT {columns} FROM read_parquet('{root}/{table}/**/*.parquet', hive_partitioning = true)"
 
 
@@ -26,7 +26,7 @@ def differences(root_a, root_b):
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     found = {}
-    for table in TABLE_COLUMNS:
+    for table in SPECS:
         a, b = _rows(root_a, table), _rows(root_b, table)
         counts = con.execute(f"SELECT (SELECT count(*) FROM ({a})), (SELECT count(*) FROM ({b})), "
                              f"(SELECT count(*) FROM ({a} EXCEPT ALL {b})), "

@@ -3,10 +3,11 @@
 
     python tools/emr.py --code s3://my-bucket/code/ --input s3://udacity-dend/ --output s3://my-bucket/lake/
 
-Uploads etl.py and dl.cfg (every secret blanked) to the code prefix, starts a transient cluster that runs
-the job as a Spark step and terminates (or adds the step to --cluster-id), waits, and prints the run
-report. Settings: flag, then dl.cfg [EMR], then the defaults below. AWS credentials and the endpoint come
-from the standard AWS chain (profile, environment, AWS_ENDPOINT_URL), never from dl.cfg.
+Uploads etl.py, the lake/ package beside it (zipped anew into dist/lake.zip, as `make dist` does) and dl.cfg
+(every secret blanked) to the code prefix, starts a transient cluster that runs the job as a Spark step
+and terminates (or adds the step to --cluster-id), waits, and prints the run report. Settings: flag, then
+dl.cfg [EMR], then the defaults below. AWS credentials and the endpoint come from the standard AWS chain
+(profile, environment, AWS_ENDPOINT_URL), never from dl.cfg.
 """
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dist  # noqa: E402  (tools/dist.py: the package as a zip for --py-files)
 import etl  # noqa: E402  (its config reader and constants: one definition of dl.cfg)
+from lake.errors import one_line  # noqa: E402
+from lake.paths import is_s3, split_s3  # noqa: E402
+from lake.report import REPORT_NAME  # noqa: E402
 
 # Defaults: EMR 7 runs Spark 3.5 and Python 3.9, as the job expects; the default roles are what
 # `aws emr create-default-roles` makes.
@@ -36,6 +41,7 @@ DEFAULTS = {
 CLUSTER_NAME = "sparkify-etl"
 STEP_NAME = "sparkify-etl"
 JOB_FILE = "etl.py"
+PACKAGE_FILE = dist.ZIP.name  # lake.zip
 CONFIG_FILE = "dl.cfg"
 POLL_SECONDS = 30.0
 STEP_DONE = "COMPLETED"
@@ -54,7 +60,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = _ArgumentParser(prog="emr.py", description="Run etl.py on Amazon EMR.")
-    parser.add_argument("--code", help="S3 prefix for etl.py and dl.cfg (or [EMR] CODE)")
+    parser.add_argument("--code", help="S3 prefix for etl.py, lake.zip and dl.cfg (or [EMR] CODE)")
     parser.add_argument("--input", required=True, help="input root, s3://...")
     parser.add_argument("--output", required=True, help="output root, s3://...")
     parser.add_argument("--config", default=etl.DEFAULT_CONFIG, help="dl.cfg to read [EMR] from and upload")
@@ -77,7 +83,7 @@ def settings(args: argparse.Namespace, config: Dict[str, Dict[str, str]]) -> Dic
     if not chosen["CODE"].startswith("s3://"):
         raise LaunchError("--code must be an s3:// prefix (or set CODE in dl.cfg [EMR])")
     for flag, path in (("--input", args.input), ("--output", args.output)):
-        if not etl.is_s3(path):
+        if not is_s3(path):
             raise LaunchError(f"{flag} must be an S3 prefix on EMR: {path}")
     if not chosen["INSTANCE_COUNT"].isdigit() or int(chosen["INSTANCE_COUNT"]) < 1:
         raise LaunchError(f"instance count must be a whole number of at least 1: {chosen['INSTANCE_COUNT']}")
@@ -97,28 +103,32 @@ def blank_secrets(config: Dict[str, Dict[str, str]]) -> str:
 
 
 def s3_location(uri: str) -> Dict[str, str]:
-    bucket, key = etl.split_s3(uri)
+    bucket, key = split_s3(uri)
     return {"Bucket": bucket, "Key": key}
 
 
 def step(chosen: Dict[str, str], args: argparse.Namespace, on_failure: str) -> dict:
-    """spark-submit in cluster mode: dl.cfg travels with --files and is found in the driver's folder."""
+    """spark-submit in cluster mode: dl.cfg travels with --files and is found in the driver's folder; the
+    package travels with --py-files and is on the driver's (and executors') Python path. S3 is EMRFS's."""
     code = chosen["CODE"]
     return {
         "Name": STEP_NAME,
         "ActionOnFailure": on_failure,
         "HadoopJarStep": {"Jar": "command-runner.jar", "Args": [
-            "spark-submit", "--deploy-mode", "cluster", "--files", f"{code}/{CONFIG_FILE}", f"{code}/{JOB_FILE}",
+            "spark-submit", "--deploy-mode", "cluster", "--files", f"{code}/{CONFIG_FILE}",
+            "--py-files", f"{code}/{PACKAGE_FILE}", f"{code}/{JOB_FILE}",
             "--config", CONFIG_FILE, "--input", args.input, "--output", args.output]},
     }
 
 
-def requests(args: argparse.Namespace, chosen: Dict[str, str], config_text: str) -> List[dict]:
+def requests(args: argparse.Namespace, chosen: Dict[str, str], config_text: str, package: str) -> List[dict]:
     """Every call the launch makes, as {service, operation, params}: boto3's client.<operation>(**params)."""
     code = chosen["CODE"]
     calls = [
         {"service": "s3", "operation": "upload_file",
          "params": {"Filename": os.path.join(etl.HERE, JOB_FILE), **s3_location(f"{code}/{JOB_FILE}")}},
+        {"service": "s3", "operation": "upload_file",
+         "params": {"Filename": package, **s3_location(f"{code}/{PACKAGE_FILE}")}},
         {"service": "s3", "operation": "put_object",
          "params": {**s3_location(f"{code}/{CONFIG_FILE}"), "Body": config_text}},
     ]
@@ -200,7 +210,7 @@ def wait(emr, cluster_id: str, step_id: str, poll_seconds: float) -> Optional[st
 
 def run_report(s3, output: str) -> Optional[dict]:
     try:
-        body = s3.get_object(**s3_location(etl.join(output.rstrip("/"), etl.REPORT_NAME)))["Body"].read()
+        body = s3.get_object(**s3_location(etl.join(output.rstrip("/"), REPORT_NAME)))["Body"].read()
     except s3.exceptions.NoSuchKey:
         return None
     return json.loads(body)
@@ -235,7 +245,11 @@ def launch(argv: Sequence[str]) -> int:
     except etl.EtlError as exc:
         raise LaunchError(str(exc)) from None
     chosen = settings(args, config)
-    calls = requests(args, chosen, blank_secrets(config))
+    try:
+        package = str(dist.build())  # anew: never a zip older than lake/
+    except (dist.Failure, OSError) as exc:
+        raise LaunchError(f"cannot build {dist.ZIP} (`make dist`): {exc}") from None
+    calls = requests(args, chosen, blank_secrets(config), package)
     if args.dry_run:
         print(json.dumps({"region": chosen["REGION"] or None, "requests": calls}, indent=2))
         return 0
@@ -258,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # AWS refusing a call (roles, quotas, a bad cluster id): one line
-        print(f"error: {etl._one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,353 @@
+"""Where the lake lives: local disk or S3, behind one Store protocol.
+
+A store lists input, stages and publishes output folders, keeps small JSON documents (reports, journals)
+and makes the one-writer lock. Nothing outside this module and lake.plan asks whether a path is on S3.
+"""
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from lake.aws import S3_ATTEMPTS, AwsSettings, s3_client, s3_client_settings, s3_error
+from lake.errors import EtlError
+from lake.lock import FileLock, Lock, S3Lease
+from lake.paths import is_input_file, is_visible_file, join, split_s3, visible_files
+
+# A run writes everything under <root>/_staging/<run id>/ first; names starting with "_" are skipped by
+# Spark, Athena, pyarrow and DuckDB readers.
+STAGING_DIR = "_staging"
+OLD_VERSIONS_DIR = "_old"
+PREFLIGHT_PROBE = "_preflight-probe"
+# S3: requests in flight, and keys per DeleteObjects (S3's maximum).
+S3_REQUESTS_IN_FLIGHT = 64
+S3_DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One folder readers see (a table, or a tree's rejects) and where this run stages it."""
+    root: str
+    name: str
+
+    def final(self) -> str:
+        return join(self.root, self.name)
+
+    def staged(self, run_id: str) -> str:
+        return join(self.root, STAGING_DIR, run_id, self.name)
+
+    def old(self, run_id: str) -> str:
+        return join(self.root, STAGING_DIR, run_id, OLD_VERSIONS_DIR, self.name)
+
+
+try:
+    from typing import Protocol
+except ImportError:  # Python < 3.8
+    Protocol = object  # type: ignore
+
+
+class Store(Protocol):
+    """What the job needs of the place its input or output lives."""
+
+    def require_input(self, root: str, tree: str) -> None:
+        """Fails with one line unless root/tree holds at least one input file."""
+
+    def list_input(self, folder: str) -> List[Tuple[str, object, int]]:
+        """(name, location, size) of every input file below folder, from one listing: the name as Spark's
+        binaryFile reader spells it, and what a task opens (etl.py's fetch functions)."""
+
+    def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
+        """What a task that fetches listed files makes its S3 client from (lake.aws.s3_client_settings); None
+        where the files are local."""
+
+    def require_writable(self, root: str) -> None:
+        """Fails with one line unless this run can write below root."""
+
+    def read_json(self, path: str) -> Optional[dict]: ...
+
+    def write_json(self, path: str, document: dict) -> None: ...
+
+    def children(self, path: str) -> List[str]: ...
+
+    def keys(self, path: str) -> List[str]:
+        """Every file below path, relative to it, whatever the depth."""
+
+    def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
+        """Removes path and all below it, or only the given keys below it."""
+
+    def prune(self, path: str) -> None:
+        """Removes the folder path if it is empty: never what another run has just put there."""
+
+    def has_data(self, path: str) -> bool:
+        """Whether a reader would see any file below path."""
+
+    def plan_publish(self, unit: Unit, run_id: str) -> dict:
+        """What the journal must hold to finish publishing unit after a crash."""
+
+    def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
+        """Makes unit's staged folder the published one; idempotent."""
+
+    def lock(self, root: str) -> Lock: ...
+
+    def unreachable(self, root: str) -> Optional[str]:
+        """None if root's storage answers a quick request (a refusal is an answer), else what is gone."""
+
+
+class LocalStore:
+    """Local disk: files through os, a table swapped in by renaming its folder."""
+
+    def require_input(self, root: str, tree: str) -> None:
+        if not os.path.isdir(root):
+            raise EtlError(f"input root not found: {root}")
+        folder = join(root, tree)
+        if not os.path.isdir(folder):
+            raise EtlError(f"no {tree}/ folder under input root {root}")
+        if not any(is_input_file(name) for name in visible_files(folder)):
+            raise EtlError(f"no .json files under {folder}")
+
+    def list_input(self, folder: str) -> List[Tuple[str, object, int]]:
+        # Reading a local file needs no size.
+        return [(f"file:{path}", path, 0) for path in
+                (os.path.join(folder, name) for name in visible_files(folder) if is_input_file(name))]
+
+    def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
+        return None
+
+    def require_writable(self, root: str) -> None:
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise EtlError(f"cannot create output folder {root}: {exc.strerror or exc}") from None
+        if not os.access(root, os.W_OK):
+            raise EtlError(f"output folder is not writable: {root}")
+
+    def read_json(self, path: str) -> Optional[dict]:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def write_json(self, path: str, document: dict) -> None:
+        # Write aside, then rename: a reader or a crash never sees half a file.
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(document, indent=2) + "\n")
+        os.replace(partial, path)
+
+    def children(self, path: str) -> List[str]:
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+    def keys(self, path: str) -> List[str]:
+        return [os.path.relpath(os.path.join(parent, name), path).replace(os.sep, "/")
+                for parent, _, files in os.walk(path) for name in files]
+
+    def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
+        if keys is None:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        for key in keys:
+            try:
+                os.remove(os.path.join(path, key))
+            except FileNotFoundError:
+                pass
+
+    def prune(self, path: str) -> None:
+        try:
+            os.rmdir(path)  # fails on a folder that is not empty, atomically
+        except OSError:
+            pass
+
+    def has_data(self, path: str) -> bool:
+        return next(visible_files(path), None) is not None
+
+    def plan_publish(self, unit: Unit, run_id: str) -> dict:
+        return {}  # a folder swap needs nothing but the unit's names
+
+    def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
+        swap_in(unit.staged(run_id), unit.final(), unit.old(run_id))
+
+    def lock(self, root: str) -> Lock:
+        return FileLock(root)
+
+    def unreachable(self, root: str) -> Optional[str]:
+        return None
+
+
+def swap_in(staged: str, final: str, old: str) -> None:
+    """Puts staged where final is, atomically where the kernel allows; the previous final ends up at old."""
+    if not os.path.exists(staged):
+        return  # swapped in already, before a crash
+    if os.path.exists(final):
+        os.makedirs(os.path.dirname(old), exist_ok=True)
+        if _exchange(staged, final):
+            os.rename(staged, old)  # staged now names the previous version
+            return
+        os.rename(final, old)  # no atomic exchange: the table is missing for one rename
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(staged, final)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Linux's renameat2(RENAME_EXCHANGE): swaps two folders in one step, so a reader sees one or the other."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        rename_exchange, at_cwd = 2, -100
+        return libc.renameat2(at_cwd, first.encode(), at_cwd, second.encode(), rename_exchange) == 0
+    except (AttributeError, OSError):  # not Linux, or a C library without renameat2
+        return False
+
+
+class S3Store:
+    """S3 through boto3: no rename, so a table is published by server-side copies, many at once."""
+
+    def __init__(self, aws: AwsSettings) -> None:
+        self._aws = aws
+        self._client = s3_client(aws, attempts=S3_ATTEMPTS, pool=S3_REQUESTS_IN_FLIGHT)
+
+    def _checked(self, root: str, what: str, check: Callable[[], None]) -> None:
+        """A preflight check: few, short retries, and botocore's errors as one line."""
+        try:
+            check()
+        except EtlError:
+            raise
+        except Exception as exc:
+            raise s3_error(exc, split_s3(root)[0], what, self._aws.endpoint) from None
+
+    def require_input(self, root: str, tree: str) -> None:
+        bucket, prefix = split_s3(root)
+        folder = "/".join(p for p in (prefix, tree) if p) + "/"
+
+        def check() -> None:
+            pages = s3_client(self._aws).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
+            seen_any = False
+            for page in pages:
+                for item in page.get("Contents", []):
+                    seen_any = True
+                    if is_input_file(item["Key"][len(folder):]):
+                        return
+            raise EtlError(f"no .json files under s3://{bucket}/{folder}" if seen_any
+                           else f"no {tree}/ under input root {root}")
+        self._checked(root, f"input {root}/{tree}/", check)
+
+    def list_input(self, folder: str) -> List[Tuple[str, object, int]]:
+        """One flat listing: one LIST per 1,000 keys, never one per folder, sizes included. Names keep
+        folder's scheme, as Spark's own readers name them; a task opens (bucket, key)."""
+        scheme = folder.split("://", 1)[0]
+        bucket, prefix = split_s3(folder)
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        return [(f"{scheme}://{bucket}/{item['Key']}", (bucket, item["Key"]), item["Size"]) for page in pages
+                for item in page.get("Contents", []) if is_input_file(item["Key"][len(prefix) + 1 if prefix else 0:])]
+
+    def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
+        return s3_client_settings(self._aws, attempts=S3_ATTEMPTS, pool=in_flight)
+
+    def require_writable(self, root: str) -> None:
+        bucket, prefix = split_s3(root)
+        probe = "/".join(p for p in (prefix, f"{PREFLIGHT_PROBE}-{os.getpid()}") if p)
+
+        def check() -> None:
+            client = s3_client(self._aws)
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)
+        self._checked(root, f"writing to {root}/", check)
+
+    def read_json(self, path: str) -> Optional[dict]:
+        bucket, key = split_s3(path)
+        try:
+            return json.loads(self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except self._client.exceptions.NoSuchKey:
+            return None
+
+    def write_json(self, path: str, document: dict) -> None:
+        bucket, key = split_s3(path)
+        self._client.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=2).encode() + b"\n",
+                                ContentType="application/json")
+
+    def keys(self, path: str) -> List[str]:
+        """Every key below path, relative to it: one LIST request per 1,000 keys, whatever the depth."""
+        bucket, prefix = split_s3(path)
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+        return [item["Key"][len(prefix) + 1:] for page in pages for item in page.get("Contents", [])]
+
+    def children(self, path: str) -> List[str]:
+        bucket, prefix = split_s3(path)
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/",
+                                                                        Delimiter="/")
+        return sorted(p["Prefix"][len(prefix) + 1:].rstrip("/") for page in pages
+                      for p in page.get("CommonPrefixes", []))
+
+    def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
+        bucket, prefix = split_s3(path)
+        keys = self.keys(path) if keys is None else keys
+        for start in range(0, len(keys), S3_DELETE_BATCH):
+            batch = [{"Key": f"{prefix}/{key}"} for key in keys[start:start + S3_DELETE_BATCH]]
+            self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
+        (source_bucket, source_prefix), (bucket, prefix) = split_s3(source), split_s3(target)
+
+        def copy_one(key: str) -> None:
+            self._client.copy_object(Bucket=bucket, Key=f"{prefix}/{key}",
+                                     CopySource={"Bucket": source_bucket, "Key": f"{source_prefix}/{key}"})
+        in_flight(copy_one, keys)
+
+    def upload(self, folder: str, target: str) -> int:
+        """PUTs every visible file below a local folder to the same relative key below target, one request
+        each, many at once; returns how many."""
+        bucket, prefix = split_s3(target)
+        names = list(visible_files(folder))
+
+        def put(name: str) -> None:
+            with open(os.path.join(folder, name), "rb") as body:
+                self._client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
+        in_flight(put, names)
+        return len(names)
+
+    def prune(self, path: str) -> None:
+        pass  # a folder on S3 is its keys: gone with the last of them
+
+    def has_data(self, path: str) -> bool:
+        return any(map(is_visible_file, self.keys(path)))
+
+    def plan_publish(self, unit: Unit, run_id: str) -> dict:
+        """The keys to copy in and, of the published ones, those to delete afterwards."""
+        # Directory markers (keys ending in "/", kept by S3A: fs.s3a.directory.marker.retention) are not data.
+        new = [key for key in self.keys(unit.staged(run_id)) if key and not key.endswith("/")]
+        return {"new": new, "old": sorted(set(self.keys(unit.final())) - set(new))}
+
+    def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
+        # New files first, then the old ones go: a reader sees the old version, then both, then the new.
+        self.copy(unit.staged(run_id), unit.final(), entry["new"])
+        self.remove(unit.final(), entry["old"])
+
+    def lock(self, root: str) -> Lock:
+        return S3Lease(self._client, root)
+
+    def unreachable(self, root: str) -> Optional[str]:
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client(self._aws, attempts=1).head_bucket(Bucket=split_s3(root)[0])
+        except ClientError:
+            return None  # S3 answered, if only with a refusal
+        except Exception:
+            return f"cannot reach S3 at {self._aws.endpoint or 'the AWS endpoint'}"
+        return None
+
+
+def in_flight(request: Callable[[str], None], keys: Sequence[str]) -> None:
+    """One request per key, S3_REQUESTS_IN_FLIGHT at once: each is a round trip, and S3 serves many."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(S3_REQUESTS_IN_FLIGHT)
+    try:
+        for _ in pool.map(request, keys):
+            pass
+    finally:
+        # After a failure, the requests not yet started are dropped: S3 failing one is likely to fail them all.
+        pool.shutdown(wait=True, cancel_futures=True)
