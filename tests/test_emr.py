@@ -166,7 +166,7 @@ def test_dry_run_calls_nothing_and_prints_requests_that_can_be_sent_as_they_are(
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--cluster-id", "j-NOSUCHCLUSTER"], "error: cannot use cluster j-NOSUCHCLUSTER: ResourceNotFoundException"),
+    (["--cluster-id", "j-NOSUCHCLUSTER"], "error: cannot use cluster j-NOSUCHCLUSTER: InvalidRequestException"),
     (["--instance-count", "three"], "error: instance count must be a whole number of at least 1: three"),
 ], ids=["unknown-cluster", "bad-count"])
 def test_launch_problems_are_one_line_before_anything_is_uploaded(clients, aws_env, config, extra, message):

@@ -163,7 +163,7 @@ def check_cluster(emr, cluster_id: str) -> None:
     """Before uploading anything: a cluster that is gone or going cannot take the step."""
     try:
         state = emr.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["State"]
-    except emr.exceptions.ClientError as exc:  # AWS: InvalidRequestException; moto: ResourceNotFoundException
+    except emr.exceptions.ClientError as exc:  # AWS (and moto 5.2): InvalidRequestException
         raise LaunchError(f"cannot use cluster {cluster_id}: {exc.response['Error']['Code']}") from None
     if state in CLUSTER_OVER:
         raise LaunchError(f"cluster {cluster_id} is {state}: start a new one (leave out --cluster-id)")
