@@ -7,9 +7,19 @@ STAMP  := $(VENV)/.installed
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 JARS    = $(shell sed 's|^|.jars/|' .jars/maven-jars.txt | paste -sd, -)
 
-.PHONY: setup run submit emr test bench bench-s3 clean
+.PHONY: setup strace run submit emr test bench bench-s3 clean
 
-setup: $(STAMP)
+setup: $(STAMP) strace
+
+# The crash tests kill the job at each rename of its publish with strace's fault injection (tests/test_crash.py).
+strace:
+	@command -v strace >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing strace (the crash tests need it)"; \
+	    apt-get update -qq && apt-get install -y -qq strace >/dev/null; \
+	  else \
+	    echo "error: strace is needed by the crash tests; install it (sudo apt-get install strace)" >&2; exit 1; \
+	  fi; }
 
 $(STAMP): requirements.txt requirements-dev.txt tools/get_jars.py tools/build_jar.py $(wildcard tools/java/sparkify/*.java)
 	@command -v java >/dev/null || { echo "error: Java 17 (or 11) is needed for Spark; install a JDK first" >&2; exit 1; }
