@@ -28,6 +28,9 @@ class Check:
     name: str
     passed: bool
     detail: str
+    value: Optional[float] = None  # what this run measured
+    threshold: Optional[float] = None  # the limit the value is held to; the detail says which way
+    previous: Optional[float] = None  # for a drift check, the same measure at the last successful run
 
 
 def new_run_id() -> str:
@@ -52,6 +55,7 @@ class RunReport:
     phases: Dict[str, float] = field(default_factory=dict)
     published: List[str] = field(default_factory=list)
     catalog: Dict[str, object] = field(default_factory=dict)  # the Glue Data Catalog step, once it has run
+    quality: Dict[str, object] = field(default_factory=dict)  # what the quality gate measured
     current_phase: Optional[str] = None  # the phase running now: where a failed run stopped
     error_line: Optional[str] = None  # what main tells the user, last, if the run failed
     publish_left: bool = False  # a publish cut short: its journal and staging stay for the next run
@@ -74,6 +78,7 @@ class RunReport:
             "catalog": self.catalog,
             "tables": self.tables,
             "checks": [vars(check) for check in self.checks],
+            "quality": self.quality,
             "phases_s": self.phases,
         }
 

@@ -72,6 +72,9 @@ class Store(Protocol):
 
     def children(self, path: str) -> List[str]: ...
 
+    def keys(self, path: str) -> List[str]:
+        """Every file below path, relative to it, whatever the depth."""
+
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         """Removes path and all below it, or only the given keys below it."""
 
@@ -138,6 +141,10 @@ class LocalStore:
 
     def children(self, path: str) -> List[str]:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+    def keys(self, path: str) -> List[str]:
+        return [os.path.relpath(os.path.join(parent, name), path).replace(os.sep, "/")
+                for parent, _, files in os.walk(path) for name in files]
 
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         if keys is None:

@@ -20,11 +20,11 @@ import pyarrow.dataset as ds
 import pytest
 
 import etl
+from conftest import ETL, SAMPLE
 from lake.lock import LEASE_NAME
 from lake.publish import PAUSE_ENV, PUBLISH_JOURNAL
 from lake.report import REPORT_NAME, RUNS_DIR
 from lake.stores import STAGING_DIR
-from conftest import ETL, SAMPLE
 
 PAUSE_TIMEOUT_S = 300
 LOCAL_KILLS = ["read", "gate", *[f"write {name}" for name in etl.TABLES], "publish", f"published {etl.SONGS}"]
