@@ -16,9 +16,19 @@ DIST   := dist/lake.zip
 # Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 
-.PHONY: setup run submit emr dist lint check test bench bench-s3 clean
+.PHONY: setup strace run submit emr dist lint check test bench bench-s3 clean
 
-setup: $(STAMP) $(JARS_MANIFEST)
+setup: $(STAMP) $(JARS_MANIFEST) strace
+
+# The crash tests kill the job at each rename of its publish with strace's fault injection (tests/test_crash.py).
+strace:
+	@command -v strace >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing strace (the crash tests need it)"; \
+	    apt-get update -qq && apt-get install -y -qq strace >/dev/null; \
+	  else \
+	    echo "error: strace is needed by the crash tests; install it (sudo apt-get install strace)" >&2; exit 1; \
+	  fi; }
 
 $(STAMP): requirements.txt requirements-dev.txt tools/build_jar.py $(wildcard tools/java/sparkify/*.java)
 	@command -v java >/dev/null || { echo "error: Java 17 (or 11) is needed for Spark; install a JDK first" >&2; exit 1; }

@@ -34,7 +34,7 @@ from lake.errors import EtlError, one_line
 from lake.lock import Lock
 from lake.paths import join, normalize_root
 from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
-from lake.publish import journal_path, open_staging, pause_point, publish, recover
+from lake.publish import PublishCutShort, open_staging, pause_point, publish, recover
 from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
 from lake.stores import Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
@@ -1119,7 +1119,9 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
     try:
         code = 0 if run_job(spark, settings, plan, report, lock) else 1
     except Exception as exc:  # the report must still say the run failed
-        report.error = str(exc) if isinstance(exc, EtlError) else one_line(exc)
+        report.publish_left = isinstance(exc, PublishCutShort)
+        cause = exc.cause if isinstance(exc, PublishCutShort) else exc
+        report.error = str(cause) if isinstance(cause, EtlError) else one_line(cause)
         LOG.error("run failed: %s", report.error)
         code = 1
     finally:
@@ -1139,17 +1141,9 @@ def failure_line(report: RunReport, settings: Settings, plan: RunPlan) -> str:
     where = f"the run stopped in '{report.current_phase}'" if report.current_phase else "the run stopped"
     # A failed run may be a lost endpoint: one quick request to each store says so.
     lost = plan.output_store.unreachable(settings.output_root) or plan.input_store.unreachable(settings.input_root)
-    cut_short = report.current_phase == "publish" and (bool(lost) or _journal_left(plan.output_store, settings, report))
-    published = "publishing was cut short (the next run completes it)" if cut_short else "nothing was published"
+    published = "publishing was cut short (the next run completes it)" if report.publish_left \
+        else "nothing was published"
     return f"{lost}: {where}; {published}" if lost else f"{where}: {report.error}; {published}"
-
-
-def _journal_left(store: Store, settings: Settings, report: RunReport) -> bool:
-    """A publish is under way once its journal is written, until it is finished or undone (the journal goes)."""
-    try:
-        return store.read_json(journal_path(settings.output_root, report.run_id)) is not None
-    except Exception:  # cannot tell: say what the next run will do if it is
-        return True
 
 
 def staging_roots(settings: Settings) -> List[str]:

@@ -20,6 +20,15 @@ RUN_MARKER = "_RUN.json"
 PAUSE_ENV = "SPARKIFY_PAUSE_AT"
 
 
+class PublishCutShort(Exception):
+    """A publish stopped after its journal was written, which stays with the run's staging: the next run
+    finishes the publish. cause is what stopped it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def journal_path(output_root: str, run_id: str) -> str:
     return join(output_root, STAGING_DIR, run_id, PUBLISH_JOURNAL)
 
@@ -27,13 +36,17 @@ def journal_path(output_root: str, run_id: str) -> str:
 def publish(store: Store, units: Sequence[Unit], run_id: str, output_root: str, lock: Optional[Lock] = None) -> None:
     """Makes the staged units the published ones. The journal, written first, lets the next run finish a
     publish that was killed half-way; the store adds what it needs to finish (on S3, the keys). A run that
-    no longer holds the lake (lock.check) stops before the journal, or before the next unit."""
+    no longer holds the lake (lock.check) stops before the journal, or before the next unit. Raises
+    PublishCutShort if it stops once the journal is written."""
     journal = {"run_id": run_id, "units": [{**vars(unit), **store.plan_publish(unit, run_id)} for unit in units]}
     if lock:
         lock.check()
     store.write_json(journal_path(output_root, run_id), journal)
-    pause_point("publish")
-    finish_publish(store, journal, lock)
+    try:
+        pause_point("publish")
+        finish_publish(store, journal, lock)
+    except Exception as exc:
+        raise PublishCutShort(exc) from exc
 
 
 def finish_publish(store: Store, journal: dict, lock: Optional[Lock] = None) -> None:
@@ -59,15 +72,14 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
     Returns, per run whose publish it finished, the folders that run published."""
     staging = join(output_root, STAGING_DIR)
     finished = {}
-    dead_runs = store.children(staging)
-    for run_id in dead_runs:
+    for run_id in store.children(staging):
         journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
         if journal:
             LOG.warning("finishing the publish of run %s, which was stopped half-way", run_id)
             finish_publish(store, journal, lock)
             finished[run_id] = [Unit(entry["root"], entry["name"]).final() for entry in journal["units"]]
-    for run_id in dead_runs:
         clear_staging(store, roots, output_root, run_id)
+    pause_point("recovered")
     return finished
 
 

@@ -58,6 +58,7 @@ class RunReport:
     quality: Dict[str, object] = field(default_factory=dict)  # what the quality gate measured
     current_phase: Optional[str] = None  # the phase running now: where a failed run stopped
     error_line: Optional[str] = None  # what main tells the user, last, if the run failed
+    publish_left: bool = False  # a publish cut short: its journal and staging stay for the next run
 
     def document(self) -> dict:
         return {
@@ -117,7 +118,11 @@ def end_report(store: Store, report: RunReport, staging_roots: Sequence[str], co
         report.status = "failed"
     document = report.document()
     try:
-        clear_staging(store, staging_roots, report.output_root, report.run_id)
+        if report.publish_left:
+            LOG.warning("the publish of run %s was cut short: its journal and staging are left for the next run",
+                        report.run_id)
+        else:
+            clear_staging(store, staging_roots, report.output_root, report.run_id)
         store.write_json(join(report.output_root, RUNS_DIR, f"{report.run_id}.json"), document)
         if not (lock and lock.lost):
             store.write_json(join(report.output_root, REPORT_NAME), document)

@@ -4,6 +4,7 @@ A store lists input, stages and publishes output folders, keeps small JSON docum
 and makes the one-writer lock. Nothing outside this module and lake.plan asks whether a path is on S3.
 """
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from lake.errors import EtlError
 from lake.lock import FileLock, Lock, S3Lease
 from lake.paths import is_input_file, is_visible_file, join, split_s3, visible_files
 
+LOG = logging.getLogger("sparkify_etl")
 # A run writes everything under <root>/_staging/<run id>/ first; names starting with "_" are skipped by
 # Spark, Athena, pyarrow and DuckDB readers.
 STAGING_DIR = "_staging"
 OLD_VERSIONS_DIR = "_old"
+VERSION_MARKER = "_RUN_"  # + run id: the file in each locally published folder that says which run wrote it
 PREFLIGHT_PROBE = "_preflight-probe"
 # S3: requests in flight, and keys per DeleteObjects (S3's maximum).
 S3_REQUESTS_IN_FLIGHT = 64
@@ -163,10 +166,14 @@ class LocalStore:
         return next(visible_files(path), None) is not None
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
-        return {}  # a folder swap needs nothing but the unit's names
+        # The new version names itself, inside its folder, before the journal is written: after a kill, the
+        # published folder is this run's or it is not, whatever the step reached (or a copy of the lake).
+        marker = f"{VERSION_MARKER}{run_id}"
+        open(os.path.join(unit.staged(run_id), marker), "w").close()
+        return {"marker": marker}
 
     def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
-        swap_in(unit.staged(run_id), unit.final(), unit.old(run_id))
+        swap_in(unit.staged(run_id), unit.final(), unit.old(run_id), entry.get("marker"))
 
     def lock(self, root: str) -> Lock:
         return FileLock(root)
@@ -175,18 +182,35 @@ class LocalStore:
         return None
 
 
-def swap_in(staged: str, final: str, old: str) -> None:
-    """Puts staged where final is, atomically where the kernel allows; the previous final ends up at old."""
+def swap_in(staged: str, final: str, old: str, marker: Optional[str] = None) -> None:
+    """Puts staged where final is, atomically where the kernel allows; the previous final ends up at old.
+
+    Idempotent whatever step a kill stopped it at, given marker (a file the staged folder holds, created
+    before the journal was written): if final holds it the swap is done, and whatever is left at staged is
+    the previous version, to be moved to old; otherwise nothing has been swapped yet."""
+    if marker and os.path.exists(os.path.join(final, marker)):
+        if os.path.lexists(staged):
+            _move(staged, old)
+        return
     if not os.path.exists(staged):
-        return  # swapped in already, before a crash
+        if marker:
+            LOG.warning("%s is missing, and %s is not the version staged for it: left as it is", staged, final)
+        return  # journals without a marker: swapped in already, before a crash
     if os.path.exists(final):
-        os.makedirs(os.path.dirname(old), exist_ok=True)
         if _exchange(staged, final):
-            os.rename(staged, old)  # staged now names the previous version
+            _move(staged, old)  # staged now names the previous version
             return
-        os.rename(final, old)  # no atomic exchange: the table is missing for one rename
+        _move(final, old)  # no atomic exchange: the table is missing for one rename
     os.makedirs(os.path.dirname(final), exist_ok=True)
     os.rename(staged, final)
+
+
+def _move(path: str, old: str) -> None:
+    """A previous version out of the way, into the run's staging (cleared with it)."""
+    os.makedirs(os.path.dirname(old), exist_ok=True)
+    if os.path.lexists(old):  # a version moved there before, by a swap cut short and redone: not needed
+        shutil.rmtree(old)
+    os.rename(path, old)
 
 
 def _exchange(first: str, second: str) -> bool:

@@ -8,6 +8,7 @@ way an analyst's tool would: pyarrow, with names starting with "_" or "." ignore
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import etl
 from conftest import ETL, SAMPLE
 from lake.lock import LEASE_NAME
-from lake.publish import PAUSE_ENV
+from lake.publish import PAUSE_ENV, PUBLISH_JOURNAL
 from lake.report import REPORT_NAME, RUNS_DIR
 from lake.stores import STAGING_DIR
 
@@ -42,18 +43,26 @@ def make_input(root, days, drop_songs=0):
     return root
 
 
-def start(config, *args, pause=(), env=None):
-    """The job in its own process group, pausing at each of the points named in pause."""
+def start(config, *args, pause=(), env=None, prefix=()):
+    """The job in its own process group, pausing at each of the points named in pause; prefix runs it under
+    another command (strace)."""
     environment = {**os.environ, **(env or {}), **({PAUSE_ENV: ",".join(pause)} if pause else {})}
-    return subprocess.Popen([sys.executable, ETL, "--config", config, *map(str, args)], env=environment,
+    return subprocess.Popen([*prefix, sys.executable, ETL, "--config", config, *map(str, args)], env=environment,
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             start_new_session=True)
 
 
-def run(config, *args, env=None):
-    """A whole run; returns (exit status, stderr)."""
-    process = start(config, *args, env=env)
-    _, stderr = process.communicate(timeout=PAUSE_TIMEOUT_S)
+def run(config, *args, env=None, prefix=()):
+    """A whole run; returns (exit status, stderr). Whatever it leaves running in its group (a JVM whose
+    Python was killed) is killed."""
+    process = start(config, *args, env=env, prefix=prefix)
+    try:
+        _, stderr = process.communicate(timeout=PAUSE_TIMEOUT_S)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return process.returncode, stderr
 
 
@@ -223,6 +232,156 @@ def test_runs_sharing_a_rejects_root_never_touch_each_others_staging(versions, e
                  for line in path.read_text().splitlines()]
     assert [row["source_file"].rsplit("/", 1)[-1] for row in published] == ["bad-song.json"], published
     assert staged_leftovers(rejects) == []
+
+
+# --------------------------------------------------------------------------- every rename of a local publish
+
+RENAMES = "rename,renameat,renameat2"
+RENAME_LINE = re.compile(r'^(rename|renameat|renameat2)\((?:AT_FDCWD, )?"([^"]*)", (?:AT_FDCWD, )?"([^"]*)"')
+
+
+def under_strace(kill_before=None, trace=os.devnull):
+    """strace in front of the job, following only its Python driver's main thread (no -f: neither its other
+    threads nor the JVM it starts, whose renames are Spark's own). kill_before=(call, n) sends SIGKILL as the
+    job enters its n-th call of that system call, which therefore never happens; trace gets every rename
+    it made."""
+    strace = shutil.which("strace")
+    assert strace, "strace is needed by the crash tests: `make setup` installs it (apt-get install strace)"
+    command = [strace, "-qq", "-o", str(trace), "-e", f"trace={RENAMES}"]
+    if kill_before:
+        call, n = kill_before
+        command += ["-e", f"inject={call}:signal=KILL:when={n}"]
+    return command
+
+
+def kill_point(calls, position):
+    """What under_strace needs to stop a run before the rename at position (1-based) among calls, the
+    system calls of its renames in order: strace counts each system call apart."""
+    call = calls[position - 1]
+    return call, calls[:position].count(call)
+
+
+def renames(trace):
+    """(syscall, source, target) of each rename in a trace, in order."""
+    return [match.groups() for match in map(RENAME_LINE.match, trace.read_text().splitlines()) if match]
+
+
+def failing_input(inputs, base):
+    """New input whose quality gate fails: every song lacks its song_id, so songs is empty."""
+    root = shutil.copytree(inputs["new"], base / "in-failing")
+    shutil.rmtree(root / "song_data")
+    (root / "song_data" / "A").mkdir(parents=True)
+    (root / "song_data" / "A" / "no-id.json").write_text('{"artist_id": "AR1", "title": "x", "duration": 1.0}\n')
+    return root
+
+
+@pytest.fixture(scope="module")
+def publish_steps(versions, empty_config, tmp_path_factory):
+    """Today's run over a copy of yesterday's lake under strace, copied while it waits with its journal
+    written and nothing swapped; then let finish. Returns the lake, that copy, the number (1-based, among
+    the run's renames) of the journal's rename, each rename from it up to the run's own report, and the
+    system call of each of the run's renames."""
+    inputs, outputs, _, new = versions
+    base = tmp_path_factory.mktemp("renames")
+    lake, trace = shutil.copytree(outputs["old"], base / "lake"), base / "trace"
+    process = start(empty_config, "--input", inputs["new"], "--output", lake, pause=["publish"],
+                    prefix=under_strace(trace=trace))
+    try:
+        wait_for_pause(process, "publish")
+        journaled = shutil.copytree(lake, base / "journaled")
+        resume(process)
+        assert process.wait(timeout=PAUSE_TIMEOUT_S) == 0
+    finally:
+        kill(process)
+    assert snapshot(lake) == new
+    steps = renames(trace)
+    journal = next(n for n, (_, _, target) in enumerate(steps, 1) if target.endswith(PUBLISH_JOURNAL))
+    report = next(n for n, (_, _, target) in enumerate(steps, 1) if f"/{RUNS_DIR}/" in target)
+    return lake, journaled, journal, steps[journal - 1:report - 1], [call for call, _, _ in steps]
+
+
+def restore(publish_steps):
+    """The lake as today's run left it with its journal written, where the run left it (the journal names
+    its folders)."""
+    lake, journaled, _, _, _ = publish_steps
+    shutil.rmtree(lake)
+    return shutil.copytree(journaled, lake)
+
+
+def test_the_local_publish_is_one_exchange_and_one_move_per_folder(publish_steps):
+    _, _, _, steps, _ = publish_steps
+    swaps = steps[1:]
+    assert len(swaps) == 2 * (len(etl.TABLES) + 2)  # the tables and both trees' rejects
+    assert [call for call, _, _ in swaps] == ["renameat2", "rename"] * (len(swaps) // 2), swaps
+
+
+@pytest.mark.parametrize("step", range(1, 2 * (len(etl.TABLES) + 2) + 2))
+def test_a_kill_at_any_rename_of_a_publish_leaves_each_table_whole_and_recovery_ends_it(
+        versions, publish_steps, empty_config, tmp_path, step):
+    """The publish of the journal left by today's run, as the next run's recovery does it first thing, killed
+    as it enters its step-th rename (the last step: just after it ends); then the run after that."""
+    inputs, _, old, new = versions
+    _, _, _, steps, _ = publish_steps
+    lake = restore(publish_steps)
+    # The recovery's renames are the publish's after its journal; then the run's own first write (a rename).
+    calls = [call for call, _, _ in steps[1:]] + ["rename"]
+    status, stderr = run(empty_config, "--input", inputs["new"], "--output", lake,
+                         prefix=under_strace(kill_before=kill_point(calls, step)))
+    assert status == -signal.SIGKILL, stderr[-3000:]
+    # A table is new once its exchange (the recovery's rename number n, counted as the publish's were) is done.
+    exchanged = {target.rsplit("/", 1)[-1] for n, (call, _, target) in enumerate(steps[1:], 1)
+                 if call == "renameat2" and n < step}
+    assert snapshot(lake) == {name: (new if name in exchanged else old)[name] for name in etl.TABLES}
+
+    process = start(empty_config, "--input", inputs["new"], "--output", lake, pause=["recovered"])
+    visit_pauses(process, ["recovered"], lambda moment: None)
+    assert snapshot(lake) == new and staged_leftovers(lake) == []
+
+
+@pytest.fixture(scope="module")
+def run_killed_at(versions, publish_steps, empty_config, tmp_path_factory):
+    """Today's run over a copy of yesterday's lake, killed as it enters its N-th rename: returns the lake."""
+    inputs, outputs, _, _ = versions
+
+    _, _, _, _, calls = publish_steps
+
+    def kill_at(step, name):
+        lake = shutil.copytree(outputs["old"], tmp_path_factory.mktemp(name) / "lake")
+        status, stderr = run(empty_config, "--input", inputs["new"], "--output", lake,
+                             prefix=under_strace(kill_before=kill_point(calls, step)))
+        assert status == -signal.SIGKILL, stderr[-3000:]
+        return lake
+    return kill_at
+
+
+def test_a_run_killed_before_its_journal_leaves_yesterday_and_a_failing_run_keeps_it(
+        versions, publish_steps, run_killed_at, empty_config, tmp_path):
+    inputs, _, old, _ = versions
+    _, _, journal, _, _ = publish_steps
+    lake = run_killed_at(journal, "before-journal")
+    assert snapshot(lake) == old
+    status, stderr = run(empty_config, "--input", failing_input(inputs, tmp_path), "--output", lake)
+    assert status == 1 and "check failed: songs is not empty" in stderr, stderr[-3000:]
+    assert snapshot(lake) == old and staged_leftovers(lake) == []
+
+
+def test_a_run_killed_between_the_exchange_and_the_move_of_songs_ends_new_whatever_the_next_run_does(
+        versions, publish_steps, run_killed_at, empty_config, tmp_path):
+    """The issue's case: songs exchanged, its previous version still at the staged name. Recovery must not
+    exchange it back in, even in a run whose own gate then fails; a run after that succeeds."""
+    inputs, _, old, new = versions
+    _, _, journal, steps, _ = publish_steps
+    exchange = next(n for n, (call, source, target) in enumerate(steps) if call == "renameat2"
+                    and target.endswith(f"/{etl.SONGS}"))
+    lake = run_killed_at(journal + exchange + 1, "songs-exchanged")
+    current = assert_each_table_is_one_version(lake, old, new)
+    assert current[etl.SONGS] == new[etl.SONGS] and current[etl.ARTISTS] == old[etl.ARTISTS]
+
+    status, stderr = run(empty_config, "--input", failing_input(inputs, tmp_path), "--output", lake)
+    assert status == 1 and "check failed: songs is not empty" in stderr, stderr[-3000:]
+    assert snapshot(lake) == new and staged_leftovers(lake) == []
+    assert run(empty_config, "--input", inputs["new"], "--output", lake)[0] == 0
+    assert snapshot(lake) == new and staged_leftovers(lake) == []
 
 
 # --------------------------------------------------------------------------- S3
