@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 JARS    = $(shell sed 's|^|.jars/|' .jars/maven-jars.txt | paste -sd, -)
 
-.PHONY: setup run submit emr test bench bench-s3 clean
+.PHONY: setup run submit emr test bench bench-s3 bench-daily clean
 
 setup: $(STAMP)
 
@@ -47,3 +47,8 @@ bench: setup
 # own floor and the naive baseline (capped). Writes bench/results-s3.json.
 bench-s3: setup
 	$(PY) tools/bench_s3.py
+
+# Not part of `make test`: a tier-2-sized lake (100,000 song files, 60 days) and one new day, the daily run
+# against a fresh full build and DuckDB's, side by side. Writes bench/results-daily.json.
+bench-daily: setup
+	$(PY) tools/bench_daily.py

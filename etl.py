@@ -33,7 +33,7 @@ from lake.catalog import DATABASE_PATTERN, register_catalog
 from lake.errors import EtlError, one_line
 from lake.intake import (MANIFEST_FILE, MANIFEST_UNIT, PLAYS_STATE, STATE_DIR, STATE_VERSION, USERS_STATE, InputFile,
                          TreeIntake, compare, load_manifest, new_manifest, partition_units, rejects_location,
-                         segment_path, why_full)
+                         why_full)
 from lake.paths import join, normalize_root
 from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
 from lake.publish import pause_point, publish, published_folders, recover
@@ -765,25 +765,57 @@ def in_partitions(frame: DataFrame, columns: Sequence[str], touched: Sequence[Tu
     return frame.join(F.broadcast(wanted), on=same, how="left_semi")
 
 
-def read_records(spark: SparkSession, output_root: str, tree: str, segments: Sequence[str]) -> DataFrame:
+class LakeCopy:
+    """Where Spark reads what the lake keeps (its state, the rejects): in place, or, for S3 output under
+    python etl.py, whose Spark has no S3 reader (it writes through local disk: lake.plan), from a local copy
+    of just the folders a run reads, fetched by boto3: one listing per root, one GET per file."""
+
+    def __init__(self, store: Store, folder: Optional[str]) -> None:
+        self.store, self.folder, self.files = store, folder, 0
+
+    def paths(self, root: str, names: Sequence[str]) -> Dict[str, str]:
+        """{name: where Spark reads root/name}, fetched first if this is a copy."""
+        if self.folder is None or not names:
+            return {name: join(root, name) for name in names}
+        local = os.path.join(self.folder, str(len(os.listdir(self.folder))))
+        self.files += self.store.download(root, local, names)
+        found = {name: os.path.join(local, *name.split("/")) for name in names}
+        for path in found.values():
+            os.makedirs(path, exist_ok=True)  # a folder with nothing to read is read as empty
+        return found
+
+
+def state_paths(copy: LakeCopy, output_root: str, intakes: Mapping[str, TreeIntake]) -> Dict[str, str]:
+    """Where Spark reads the state folders a daily run needs: the segments, the plays, the users."""
+    names = [segment_name(intake.tree, segment) for intake in intakes.values() for segment in intake.segments]
+    below = len(STATE_DIR) + 1  # listed below _state/, never the tables beside it
+    found = copy.paths(join(output_root, STATE_DIR), [name[below:] for name in names + [PLAYS_STATE, USERS_STATE]])
+    return {f"{STATE_DIR}/{name}": path for name, path in found.items()}
+
+
+def segment_name(tree: str, segment: str) -> str:
+    return f"{STATE_DIR}/{tree}/{segment}"
+
+
+def read_records(spark: SparkSession, paths: Mapping[str, str], tree: str, segments: Sequence[str]) -> DataFrame:
     """Clean records of one tree as the lake took them in, from the given segments."""
     schema = RECORD_SCHEMAS[tree]
     if not segments:
         return spark.createDataFrame([], schema)
-    return spark.read.schema(schema).parquet(*[segment_path(output_root, tree, name) for name in segments])
+    return spark.read.schema(schema).parquet(*[paths[segment_name(tree, name)] for name in segments])
 
 
-def record_versions(spark: SparkSession, output_root: str, intake: TreeIntake,
+def record_versions(spark: SparkSession, paths: Mapping[str, str], intake: TreeIntake,
                     fresh: DataFrame) -> Tuple[DataFrame, DataFrame, DataFrame, Optional[DataFrame]]:
     """A tree's clean records as they counted (old) and count now (new), the records that stop counting
     (dead: those of changed and removed files), and this run's segment: the fresh records and what the
     rewritten segments keep."""
-    kept = read_records(spark, output_root, intake.tree, intake.kept)
-    dirty = read_records(spark, output_root, intake.tree, intake.dirty)
+    kept = read_records(spark, paths, intake.tree, intake.kept)
+    dirty = read_records(spark, paths, intake.tree, intake.dirty)
     dead = of_files(dirty, intake.dead)
     segment = of_files(dirty, intake.dead, keep=False).unionByName(fresh) if intake.writes_segment else None
     new = kept.unionByName(segment) if segment is not None else kept
-    return kept.unionByName(dirty), new, dead, segment
+    return kept.unionByName(dirty), new, dead, segment.coalesce(1) if segment is not None else None
 
 
 def song_changes(old: DataFrame, new: DataFrame, touched: DataFrame,
@@ -836,12 +868,13 @@ def plays_changes(plays_old: DataFrame, fresh: DataFrame, dead: DataFrame, event
 
 
 def build_increment(spark: SparkSession, settings: Settings, intakes: Mapping[str, TreeIntake],
-                    fresh: Mapping[str, DataFrame], small: bool) -> Increment:
-    """The new tables and state from the state and the fresh clean records, with what changed."""
-    root, layout = settings.output_root, settings.partition_by
+                    fresh: Mapping[str, DataFrame], small: bool, paths: Mapping[str, str]) -> Increment:
+    """The new tables and state from the state (read where paths say) and the fresh clean records, with
+    what changed."""
+    layout = settings.partition_by
     songs_in, logs_in = intakes[SONG_DATA], intakes[LOG_DATA]
-    song_records = record_versions(spark, root, songs_in, fresh[SONG_DATA])
-    event_records = record_versions(spark, root, logs_in, fresh[LOG_DATA])
+    song_records = record_versions(spark, paths, songs_in, fresh[SONG_DATA])
+    event_records = record_versions(spark, paths, logs_in, fresh[LOG_DATA])
     changes: List[Change] = []
 
     # Songs and artists: rebuilt from all song records (small), compared where records came or went.
@@ -859,7 +892,7 @@ def build_increment(spark: SparkSession, settings: Settings, intakes: Mapping[st
     # Plays and the tables made of them: songplays (their final select) and time (a start_time's row comes
     # or goes with the last play at that moment).
     _, events_new, events_dead, _ = event_records
-    plays_old = spark.read.schema(PLAYS_SCHEMA).parquet(join(root, PLAYS_STATE))
+    plays_old = spark.read.schema(PLAYS_SCHEMA).parquet(paths[PLAYS_STATE])
     plays_changed = plays_changes(plays_old, fresh[LOG_DATA], events_dead, events_new, bool(logs_in.dead), titles,
                                   songs_new, artists_new, small)
     plays_new = replace_rows(plays_old, plays_changed, "songplay_id", small).cache()
@@ -874,7 +907,7 @@ def build_increment(spark: SparkSession, settings: Settings, intakes: Mapping[st
     changes.insert(0, Change(PLAYS_STATE, plays_new, plays_changed, PLAYS_PARTITION_BY))
 
     # Users: each touched user's latest version, merged with the state's, or recomputed when files died.
-    latest_old = spark.read.schema(LATEST_SCHEMA).parquet(join(root, USERS_STATE))
+    latest_old = spark.read.schema(LATEST_SCHEMA).parquet(paths[USERS_STATE])
     latest_new = latest_old
     if logs_in.touched:
         fresh_events = fresh[LOG_DATA]
@@ -1075,7 +1108,7 @@ def stage(writes: Sequence[Write], report: RunReport, store: Store, spool: Optio
             counts["files"] = sum(store.upload(path, unit.staged(report.run_id)) for unit, path in written)
 
 
-def reject_writes(spark: SparkSession, store: Store, settings: Settings, intakes: Mapping[str, TreeIntake],
+def reject_writes(spark: SparkSession, copy: LakeCopy, settings: Settings, intakes: Mapping[str, TreeIntake],
                   fresh: Mapping[str, DataFrame], whole: bool) -> List[Write]:
     """Each rejects tree as a full build of the input as it stands would write it: a daily run keeps the
     rejects of files the lake took in and still counts, drops those of changed and removed files (they
@@ -1086,17 +1119,16 @@ def reject_writes(spark: SparkSession, store: Store, settings: Settings, intakes
         if not whole:
             if not intakes[tree].touched:
                 continue
-            frame = frame.unionByName(kept_rejects(spark, store, settings, intakes[tree]))
+            frame = frame.unionByName(kept_rejects(spark, copy, settings, intakes[tree]))
         writes.append(Write(Unit(settings.rejected_root, tree), frame, kind=REJECTS))
     return writes
 
 
-def kept_rejects(spark: SparkSession, store: Store, settings: Settings, intake: TreeIntake) -> DataFrame:
+def kept_rejects(spark: SparkSession, copy: LakeCopy, settings: Settings, intake: TreeIntake) -> DataFrame:
     """The published rejects of files the lake took in and still counts as they were."""
-    folder = join(settings.rejected_root, intake.tree)
-    if not store.has_data(folder):
+    if not copy.store.has_data(join(settings.rejected_root, intake.tree)):
         return spark.createDataFrame([], REJECTS_SCHEMA)
-    published = spark.read.schema(REJECTS_SCHEMA).json(folder)
+    published = spark.read.schema(REJECTS_SCHEMA).json(copy.paths(settings.rejected_root, [intake.tree])[intake.tree])
     # A failed run publishes the rejects of files the lake did not take in: only the state says which count.
     named = [row[SOURCE_FILE] for row in published.select(SOURCE_FILE).distinct().collect()]
     unchanged = intake.unchanged
@@ -1263,8 +1295,8 @@ def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Tuple[D
     return tables, plays, latest
 
 
-def transform_increment(spark: SparkSession, settings: Settings, report: RunReport,
-                        intakes: Mapping[str, TreeIntake], clean: Mapping[str, DataFrame]) -> Increment:
+def transform_increment(spark: SparkSession, settings: Settings, report: RunReport, intakes: Mapping[str, TreeIntake],
+                        clean: Mapping[str, DataFrame], copy: LakeCopy) -> Increment:
     """The new tables from the state and the fresh records, what changed, and the partitions it touches."""
     with phase(report, "build tables") as counts:
         dead = sum(intake.previous[name].records for intake in intakes.values() for name in intake.dead)
@@ -1274,19 +1306,28 @@ def transform_increment(spark: SparkSession, settings: Settings, report: RunRepo
             # A daily run's frames are small and its joins planned (broadcasts named): adaptive execution
             # would run each of its many small shuffles as a job of its own (101 jobs against 36, measured).
             spark.conf.set(ADAPTIVE, "false")
-        increment = build_increment(spark, settings, intakes, clean, small)
+        paths = state_paths(copy, settings.output_root, intakes)
+        increment = build_increment(spark, settings, intakes, clean, small, paths)
         find_touched(increment.changes)
         rows = count_rows(increment.tables)
         for name in TABLES:
             report.tables[name] = {"rows": rows[name]}
             counts[name] = rows[name]
         counts["partitions touched"] = sum(len(change.touched) for change in increment.changes)
+        if copy.folder:
+            counts["state files fetched"] = report.intake["state_files_fetched"] = copy.files
     return increment
 
 
 def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
             intakes: Mapping[str, TreeIntake]) -> bool:
     """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
+    with spool_folder(plan, f"{report.run_id}-lake") as folder:
+        return _run_job(spark, settings, plan, report, intakes, LakeCopy(plan.output_store, folder))
+
+
+def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
+             intakes: Mapping[str, TreeIntake], copy: LakeCopy) -> bool:
     store, run_id = plan.output_store, report.run_id
     whole = report.intake["mode"] == FULL
     clean, rejects, per_file = extract(spark, settings, report, plan, intakes, whole)
@@ -1295,7 +1336,7 @@ def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunR
         tables, plays, latest = transform(clean[SONG_DATA], clean[LOG_DATA], report)
         events = clean[LOG_DATA]
     else:
-        increment = transform_increment(spark, settings, report, intakes, clean)
+        increment = transform_increment(spark, settings, report, intakes, clean, copy)
         tables, events = increment.tables, increment.events
     with phase(report, "quality gate") as counts:
         pause_point("gate")
@@ -1304,7 +1345,7 @@ def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunR
         counts["checks"], counts["failed"] = len(report.checks), len(failed)
     for check in failed:
         LOG.error("check failed: %s (%s)", check.name, check.detail)
-    writes = reject_writes(spark, store, settings, intakes, rejects, whole)
+    writes = reject_writes(spark, copy, settings, intakes, rejects, whole)
     to_publish = [item.unit for item in writes]
     if not failed:
         lake_writes, lake_units = full_output(settings, run_id, tables, clean, plays, latest) if whole \

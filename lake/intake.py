@@ -187,9 +187,6 @@ def new_manifest(run_id: str, job_version: str, layout: Mapping[str, Sequence[st
             "tables": dict(table_rows), "trees": trees}
 
 
-def segment_path(output_root: str, tree: str, segment: str) -> str:
-    return join(output_root, STATE_DIR, tree, segment)
-
 
 def escape_path_name(value: str) -> str:
     """A partition value as Spark spells it in a folder name (ExternalCatalogUtils.escapePathName)."""
@@ -205,8 +202,8 @@ def partition_folder(columns: Sequence[str], values: Sequence[Optional[str]]) ->
 def partition_units(columns: Sequence[str], touched: Sequence[Tuple[Optional[str], ...]],
                     written: Sequence[Tuple[Optional[str], ...]]) -> Tuple[List[str], List[str]]:
     """(folders to publish, folders to drop) of a table's touched partitions: those with rows in the new table
-    are published from staging, the others are removed."""
-    present = set(written)
-    kept = sorted({partition_folder(columns, values) for values in touched if values in present})
-    gone = sorted({partition_folder(columns, values) for values in touched if values not in present})
-    return kept, gone
+    are published from staging, the others are removed. Values that Spark writes to one folder (null and
+    the empty string) count as one partition."""
+    present = {partition_folder(columns, values) for values in written}
+    folders = {partition_folder(columns, values) for values in touched}
+    return sorted(folders & present), sorted(folders - present)

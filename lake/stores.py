@@ -311,6 +311,23 @@ class S3Store:
         in_flight(put, names)
         return len(names)
 
+    def download(self, path: str, folder: str, below: Sequence[str]) -> int:
+        """GETs the visible files below path whose relative key starts with one of the below folders, to
+        the same relative path below a local folder: one listing of path, one request per file, many at
+        once; returns how many."""
+        bucket, prefix = split_s3(path)
+        wanted = tuple(f"{name.strip('/')}/" for name in below)
+        keys = [key for key in self.keys(path) if key.startswith(wanted) and is_visible_file(key)]
+
+        def get(key: str) -> None:
+            target = os.path.join(folder, *key.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            body = self._client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()  # no HEAD first
+            with open(target, "wb") as handle:
+                handle.write(body)
+        in_flight(get, keys)
+        return len(keys)
+
     def has_data(self, path: str) -> bool:
         return any(map(is_visible_file, self.keys(path)))
 
