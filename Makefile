@@ -1,43 +1,66 @@
 # `make run` and `make test` are all a newcomer needs; both set up the venv on first use.
+# Prerequisites: Python 3.9+ and a JDK (17 or 11), nothing else: pip brings Spark, and Spark's own resolver
+# (Ivy) brings the S3 jars.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The S3A connector and the cloud committer (tools/get_jars.py): resolved once by Spark's Ivy from Maven
+# Central (about 275 MB, mostly the AWS SDK bundle) into .ivy2/, and listed there; spark-submit then gets
+# them with --jars and no network. `make setup`, `make test` and `make submit` wait for them. `make run`
+# (local files, python etl.py) needs none of them, so it does not: a slow download never holds it up.
+JARS_MANIFEST := .ivy2/sparkify-jars.txt
+JARS    = $(shell $(PY) tools/get_jars.py --jars)
+# The lake/ package beside etl.py, for spark-submit's --py-files (tools/dist.py).
+DIST   := dist/lake.zip
 # Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
-JARS    = $(shell sed 's|^|.jars/|' .jars/maven-jars.txt | paste -sd, -)
 
-.PHONY: setup run submit emr test bench bench-s3 bench-daily clean
+.PHONY: setup run submit emr dist lint check test bench bench-s3 bench-daily clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(JARS_MANIFEST)
 
-$(STAMP): requirements.txt requirements-dev.txt tools/get_jars.py tools/build_jar.py $(wildcard tools/java/sparkify/*.java)
+$(STAMP): requirements.txt requirements-dev.txt tools/build_jar.py $(wildcard tools/java/sparkify/*.java)
 	@command -v java >/dev/null || { echo "error: Java 17 (or 11) is needed for Spark; install a JDK first" >&2; exit 1; }
-	@command -v mvn >/dev/null || { echo "error: Maven (mvn) is needed to fetch the S3A jars; install it first (apt-get install maven)" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 9))' || { echo "error: Python 3.9+ is needed (set PYTHON=...)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) tools/get_jars.py .jars
 	$(PY) tools/build_jar.py .jars
 	touch $(STAMP)
 
-run: setup
+# get_jars does nothing if .ivy2/ already holds this pyspark's jars; the touch keeps make from asking again.
+$(JARS_MANIFEST): $(STAMP) tools/get_jars.py
+	$(PY) tools/get_jars.py .ivy2
+	touch $(JARS_MANIFEST)
+
+run: $(STAMP)
 	$(PY) etl.py
 
-# The same job under spark-submit, with the jars `make setup` resolved; ARGS go to etl.py.
-submit: setup
-	PYSPARK_PYTHON=$(PY) $(VENV)/bin/spark-submit $(QUIET) --jars $(JARS) etl.py $(ARGS)
+# The same job under spark-submit, with the jars `make setup` resolved and the package; ARGS go to etl.py.
+submit: setup dist
+	PYSPARK_PYTHON=$(PY) $(VENV)/bin/spark-submit $(QUIET) --jars $(JARS) --py-files $(DIST) etl.py $(ARGS)
 
-# The job on Amazon EMR (tools/emr.py, boto3): ARGS="--code s3://... --input s3://... --output s3://..."
-emr: setup
+# The job on Amazon EMR (tools/emr.py, boto3; it zips lake/ itself): ARGS="--code s3://... --input s3://... --output s3://..."
+emr: $(STAMP)
 	$(PY) tools/emr.py $(ARGS)
 
-test: setup
+# Built anew each time (milliseconds): a file removed from lake/ never lingers in the zip.
+dist:
+	$(PYTHON) tools/dist.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# The fast lane (rules, CLI, settings: tests marked `check`), under 2 minutes. `make test` runs everything.
+check: setup lint
+	$(PY) -m pytest -m check
+
+test: setup lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf output .pytest_cache
+	rm -rf output dist .pytest_cache .ruff_cache
 
 # Not part of `make test`: minutes of generated data and runs. Writes bench/results.json.
 bench: setup

@@ -34,10 +34,11 @@ from lake.errors import EtlError, one_line
 from lake.intake import (MANIFEST_FILE, MANIFEST_UNIT, PLAYS_STATE, STATE_DIR, STATE_VERSION, USERS_STATE, InputFile,
                          TreeIntake, compare, load_manifest, new_manifest, partition_units, rejects_location,
                          why_full)
+from lake.lock import Lock
 from lake.paths import join, normalize_root
 from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
-from lake.publish import pause_point, publish, published_folders, recover
-from lake.report import Check, RunReport, begin_report, end_report, phase
+from lake.publish import journal_path, open_staging, pause_point, publish, published_folders, recover
+from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
 from lake.stores import Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
 
@@ -57,12 +58,28 @@ CONFIG_KEYS = {
     "PATHS": ("INPUT_DATA", "OUTPUT_DATA", "REJECTED_DATA"),
     "LAYOUT": tuple(f"{table.upper()}_PARTITION_BY" for table in TABLES),
     "CATALOG": ("DATABASE",),
+    "QUALITY": ("MAX_MISSING_SHARE", "MAX_ROWS_FALL", "MAX_MATCH_RATE_FALL", "MAX_REJECTED_SHARE_RISE"),
     # Read by tools/emr.py, the launcher; the job itself ignores this section.
     "EMR": ("RELEASE_LABEL", "INSTANCE_TYPE", "INSTANCE_COUNT", "SERVICE_ROLE", "INSTANCE_PROFILE", "LOG_URI",
             "REGION", "CODE"),
 }
 # Never leave this machine: tools/emr.py blanks them in the dl.cfg it uploads.
 SECRET_CONFIG_KEYS = {"AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The quality gate's thresholds ([QUALITY] in dl.cfg), each a share between 0 and 1 (README, "Quality gate")."""
+    # A required field may be missing or empty in at most this share of the lines that should carry it: 0 in
+    # the sample and in generated data, over a third when a field is renamed or emptied in a third of the days.
+    max_missing_share: float = 0.01
+    # Since the last successful run, a table may lose at most this share of its rows (a full rebuild of a
+    # growing input only grows; a 30-day window sliding by a day loses ~3%), the share of songplays matched
+    # to a song may fall by at most this share of itself, and a tree's share of rejected lines may rise by at
+    # most this many points.
+    max_rows_fall: float = 0.10
+    max_match_rate_fall: float = 0.25
+    max_rejected_share_rise: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class Settings:
     aws: AwsSettings = field(default_factory=AwsSettings)
     partition_by: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: dict(PARTITION_BY))
     catalog_database: Optional[str] = None  # [CATALOG] DATABASE; None: the tables are not registered
+    quality: QualitySettings = field(default_factory=QualitySettings)
     full: bool = False  # --full: build from nothing, even where the output holds a lake this job built
 
 
@@ -130,7 +148,25 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     rejected_root = normalize_root(pick(None, "REJECTED_DATA", join(output_root, REJECTED_DIR)))
     return Settings(input_root, output_root, rejected_root, resolve_aws(config.get("AWS", {}), environ),
                     resolve_layout(config.get("LAYOUT", {}), config_path),
-                    resolve_catalog(config.get("CATALOG", {}), config_path), bool(getattr(args, "full", False)))
+                    resolve_catalog(config.get("CATALOG", {}), config_path),
+                    resolve_quality(config.get("QUALITY", {}), config_path), bool(getattr(args, "full", False)))
+
+
+def resolve_quality(config: Mapping[str, str], config_path: Optional[str]) -> QualitySettings:
+    """The gate's thresholds: [QUALITY]'s where given, else the defaults."""
+    chosen = {}
+    for key in CONFIG_KEYS["QUALITY"]:
+        value = config.get(key, "")
+        if not value:
+            continue
+        try:
+            share = float(value)
+        except ValueError:
+            share = -1.0
+        if not 0 <= share <= 1:
+            raise EtlError(f"{key} in [QUALITY] of {config_path} must be a share between 0 and 1, such as 0.05")
+        chosen[key.lower()] = share
+    return QualitySettings(**chosen)
 
 
 def resolve_catalog(config: Mapping[str, str], config_path: Optional[str]) -> Optional[str]:
@@ -195,6 +231,8 @@ REASON_MALFORMED = "malformed JSON"
 REASON_BAD_TS = "ts missing or not an integer"
 REASON_NO_SONG_ID = "song_id missing"
 REASON_BAD_TYPE = "a field has the wrong type"
+# JSON is UTF-8 text: a line that is not is rejected, and kept as base64, so its bytes survive as they were.
+REASON_NOT_UTF8 = "not valid UTF-8 (line holds its bytes in base64)"
 
 SONG_SCHEMA = T.StructType([
     T.StructField("num_songs", T.IntegerType()),
@@ -240,13 +278,26 @@ def preflight(settings: Settings, plan: RunPlan) -> None:
         plan.output_store.require_writable(root)
 
 
+LINE = "line"
+PIECE = "_piece"  # a line before parse_lines: its text, or its bytes as BYTES_AS_TEXT text (PIECE_IS_TEXT false)
+PIECE_IS_TEXT = "_piece_is_text"
+RAW = "_raw"  # bytes as read: a file's, or a line's
+TEXT = "_text"
+# A file or line that is not valid UTF-8 is split and kept as ISO-8859-1 text, one character per byte, so
+# no byte is lost or changed.
+BYTES_AS_TEXT = "ISO-8859-1"
+NOT_UTF8 = "_not_utf8"
+UNKNOWN_FIELDS = "_unknown_fields"  # the keys of a line's JSON object that its schema does not know
+REPLACEMENT_CHARACTER = "\ufffd"  # what decoding puts for each invalid UTF-8 sequence
+
+
 def _with_corrupt_record(schema: T.StructType) -> T.StructType:
     return T.StructType(schema.fields + [T.StructField(CORRUPT_RECORD, T.StringType())])
 
 
 def read_json(spark: SparkSession, path: Union[str, List[str]], schema: T.StructType,
               small_files: bool = False) -> DataFrame:
-    """Every *.json below path, parsed with schema; a line that does not fit keeps its text in _corrupt_record.
+    """Every *.json below path, one record per non-blank line, as parse_lines gives them.
 
     small_files reads each file whole: for thousands of one-line files this is 2-3x faster than the line
     reader, which sets up a record reader and codec lookup per file (docs/performance.md). Files must then fit
@@ -254,26 +305,73 @@ def read_json(spark: SparkSession, path: Union[str, List[str]], schema: T.Struct
     """
     reader = spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "*.json")
     if not small_files:
-        return (
-            reader.schema(_with_corrupt_record(schema))
-            .option("mode", "PERMISSIVE")
-            .option("columnNameOfCorruptRecord", CORRUPT_RECORD)
-            .json(path)
-            .withColumn(SOURCE_FILE, F.col("_metadata.file_path"))
-        )
+        # Lines as text rather than Spark's JSON reader, so that a rejected line can be kept as it arrived.
+        # A string cast to binary gives the bytes as read, valid UTF-8 or not.
+        lines = reader.option("lineSep", "\n").text(path).select(
+            F.col("_metadata.file_path").alias(SOURCE_FILE), F.col("value").cast("binary").alias(RAW))
+        piece = F.col(PIECE)
+        without_cr = F.when(piece.endswith("\r"), piece.substr(F.lit(1), F.length(piece) - 1)).otherwise(piece)
+        return parse_lines(_as_pieces(lines).select(SOURCE_FILE, without_cr.alias(PIECE), PIECE_IS_TEXT), schema)
     files = reader.format("binaryFile").load(path).select(F.col("path").alias(SOURCE_FILE), "content")
     return parse_whole_files(files, schema)
 
 
+def _is_utf8(raw: Column, text: Column) -> Column:
+    """Whether raw bytes are valid UTF-8, given text, what decoding them as UTF-8 gave."""
+    # Decoding puts U+FFFD for each invalid sequence: only a text holding one may differ from its bytes.
+    return ~(F.instr(text, REPLACEMENT_CHARACTER) > 0) | (F.encode(text, "UTF-8") == raw)
+
+
+def _as_pieces(frame: DataFrame) -> DataFrame:
+    """(source_file, raw bytes) -> (source_file, piece, piece_is_text): the text, if the bytes are valid
+    UTF-8 (nearly always), else the bytes as BYTES_AS_TEXT text."""
+    decoded = frame.select(F.col(SOURCE_FILE), F.col(RAW), F.decode(F.col(RAW), "UTF-8").alias(TEXT))
+    is_text = _is_utf8(F.col(RAW), F.col(TEXT))
+    return decoded.select(
+        F.col(SOURCE_FILE),
+        F.when(is_text, F.col(TEXT)).otherwise(F.decode(F.col(RAW), BYTES_AS_TEXT)).alias(PIECE),
+        is_text.alias(PIECE_IS_TEXT),
+    )
+
+
 def parse_whole_files(files: DataFrame, schema: T.StructType) -> DataFrame:
     """(source_file, content) rows -> one parsed record per non-blank line, as read_json's readers give."""
-    lines = F.explode(F.split(F.decode(F.col("content"), "UTF-8"), "\r?\n"))
+    pieces = _as_pieces(files.select(F.col(SOURCE_FILE), F.col("content").alias(RAW)))
+    lines = F.explode(F.split(F.col(PIECE), "\r?\n"))
+    return parse_lines(pieces.select(SOURCE_FILE, lines.alias(PIECE), PIECE_IS_TEXT), schema)
+
+
+def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
+    """(source_file, piece, piece_is_text) rows, one per line, -> the line parsed with schema, beside the
+    line as it arrived.
+
+    A line is the bytes between two line ends (a line end is "\\n" or "\\r\\n"); blank lines are not records.
+    A piece is the line's text, or if its file is not valid UTF-8, its bytes as BYTES_AS_TEXT text. Besides
+    schema's fields: _corrupt_record (the text of a line that does not fit schema), source_file, line (the
+    line's text; for a line that is not valid UTF-8, its bytes in base64), _not_utf8, and _unknown_fields
+    (the keys of the line's JSON object that schema does not know; null if none).
+    """
+    line_bytes = F.encode(F.col(PIECE), BYTES_AS_TEXT)
+    text = F.when(F.col(PIECE_IS_TEXT), F.col(PIECE)).otherwise(F.decode(line_bytes, "UTF-8"))
+    # A line of a file that is not UTF-8 may be: it is judged on its own.
+    not_utf8 = ~F.col(PIECE_IS_TEXT) & ~_is_utf8(line_bytes, F.col(LINE))
+    # JSON text is UTF-8: a line that is not is kept as base64, which its reason says (in one piece: Spark
+    # 3.5's base64 breaks its output into lines MIME-style).
+    base64 = F.translate(F.base64(line_bytes), "\r\n", "")
+    unknown = F.array_except(F.json_object_keys(F.col(LINE)), F.array(*[F.lit(name) for name in schema.fieldNames()]))
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
     return (
-        files.select(SOURCE_FILE, lines.alias("line"))
-        .filter(F.trim(F.col("line")) != "")  # blank lines are not records
-        .select(F.from_json(F.col("line"), _with_corrupt_record(schema), options).alias("record"), SOURCE_FILE)
-        .select("record.*", SOURCE_FILE)
+        lines.select(F.col(SOURCE_FILE), F.col(PIECE), F.col(PIECE_IS_TEXT), text.alias(LINE))
+        .filter(F.trim(F.col(LINE)) != "")  # blank lines are not records
+        .select(SOURCE_FILE, PIECE, LINE, not_utf8.alias(NOT_UTF8))
+        .select(
+            F.from_json(F.col(LINE), _with_corrupt_record(schema), options).alias("record"),
+            F.col(SOURCE_FILE),
+            F.when(F.col(NOT_UTF8), base64).otherwise(F.col(LINE)).alias(LINE),
+            F.col(NOT_UTF8),
+            F.when(F.size(unknown) > 0, unknown).alias(UNKNOWN_FIELDS),
+        )
+        .select("record.*", SOURCE_FILE, LINE, NOT_UTF8, UNKNOWN_FIELDS)
     )
 
 
@@ -380,9 +478,9 @@ def read_files(spark: SparkSession, plan: RunPlan, input_root: str, tree: str, f
     a file arriving during the run is left for the next run, as the state says."""
     songs = tree == SONG_DATA
     schema = SONG_SCHEMA if songs else LOG_SCHEMA
-    if not files:
-        return spark.createDataFrame([], T.StructType(_with_corrupt_record(schema).fields
-                                                      + [T.StructField(SOURCE_FILE, T.StringType())]))
+    if not files:  # parsed lines of no line: the columns read_json gives
+        return parse_lines(spark.createDataFrame([], f"{SOURCE_FILE} string, {PIECE} string, {PIECE_IS_TEXT} boolean"),
+                           schema)
     if tree in plan.listed_trees:
         in_flight = int(spark.sparkContext.getConf().get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
         client = plan.input_store.task_client(in_flight)
@@ -409,12 +507,24 @@ def _reading_plan(input_root: str) -> RunPlan:
     return plan_run(Settings(input_root, output_root, join(output_root, REJECTED_DIR)), os.environ, emr_marker())
 
 
+# What each tree rejects besides bad lines: (the field a record cannot do without, the reason given).
+REJECT_RULES = {SONG_DATA: ("song_id", REASON_NO_SONG_ID), LOG_DATA: ("ts", REASON_BAD_TS)}
+# The fields a delivery must carry, and where: (field, the page whose events carry it; None: every record).
+# Visitors who are not logged in have userId "" on their pages, and only NextSong events (plays) name a song.
+REQUIRED_FIELDS = {
+    SONG_DATA: (("song_id", None),),
+    LOG_DATA: (("ts", None), ("page", None), ("userId", "NextSong"), ("song", "NextSong")),
+}
+UNKNOWN_PREFIX = "unknown:"
+
+
 def _reject_reason(required: str, missing_reason: str) -> Column:
     corrupt = F.col(CORRUPT_RECORD)
     # A line that parses as a JSON object but not into the schema is a type error, not bad JSON.
     not_json = F.from_json(corrupt, "map<string,string>").isNull()
     return (
-        F.when(corrupt.isNotNull() & not_json, F.lit(REASON_MALFORMED))
+        F.when(F.col(NOT_UTF8), F.lit(REASON_NOT_UTF8))
+        .when(corrupt.isNotNull() & not_json, F.lit(REASON_MALFORMED))
         .when(F.col(required).isNull() | (F.trim(F.col(required).cast("string")) == ""), F.lit(missing_reason))
         .when(corrupt.isNotNull(), F.lit(REASON_BAD_TYPE))
     )
@@ -422,21 +532,59 @@ def _reject_reason(required: str, missing_reason: str) -> Column:
 
 def split_rejects(raw: DataFrame, schema: T.StructType, required: str,
                   missing_reason: str) -> Tuple[DataFrame, DataFrame]:
-    """Splits parsed lines into clean records and rejects (source_file, reason, line)."""
+    """Splits parsed lines into clean records and rejects (source_file, reason, line as it arrived)."""
     judged = raw.withColumn(REASON, _reject_reason(required, missing_reason))
     clean = judged.filter(F.col(REASON).isNull()).select(*schema.fieldNames(), SOURCE_FILE)
-    # A record that parsed has no raw text left; its parsed form is the next best thing to show.
-    line = F.coalesce(F.col(CORRUPT_RECORD), F.to_json(F.struct(*schema.fieldNames())))
-    rejects = judged.filter(F.col(REASON).isNotNull()).select(SOURCE_FILE, REASON, line.alias("line"))
+    rejects = judged.filter(F.col(REASON).isNotNull()).select(SOURCE_FILE, REASON, LINE)
     return clean, rejects
 
 
 def split_songs(raw: DataFrame) -> Tuple[DataFrame, DataFrame]:
-    return split_rejects(raw, SONG_SCHEMA, "song_id", REASON_NO_SONG_ID)
+    return split_rejects(raw, SONG_SCHEMA, *REJECT_RULES[SONG_DATA])
 
 
 def split_events(raw: DataFrame) -> Tuple[DataFrame, DataFrame]:
-    return split_rejects(raw, LOG_SCHEMA, "ts", REASON_BAD_TS)
+    return split_rejects(raw, LOG_SCHEMA, *REJECT_RULES[LOG_DATA])
+
+
+def lines_of_rejects_only(raw: DataFrame, tree: str) -> DataFrame:
+    """Parsed lines with the text of those that will be accepted dropped: the parsed lines are cached, and
+    an accepted line's text would double what that costs; a reject's text is what the rejects keep."""
+    return raw.withColumn(LINE, F.when(_reject_reason(*REJECT_RULES[tree]).isNotNull(), F.col(LINE)))
+
+
+def profile_read(raw: DataFrame, tree: str) -> Dict[str, object]:
+    """What one tree's parsed lines hold, in one job: records, rejected ones, JSON objects; of the objects
+    that should carry each of REQUIRED_FIELDS, how many do not (missing, null, empty or of the wrong type);
+    and per field the schema does not know, how many lines carry it."""
+    judged = raw.withColumn(REASON, _reject_reason(*REJECT_RULES[tree]))
+    reason = F.col(REASON)
+    is_object = reason.isNull() | ~reason.isin(REASON_MALFORMED, REASON_NOT_UTF8)
+    conditions = {"records": F.lit(True), "rejected": reason.isNotNull(), "json_objects": is_object}
+    for name, page in REQUIRED_FIELDS[tree]:
+        expected = is_object if page is None else is_object & (F.col("page") == page)
+        empty = F.col(name).isNull() | (F.trim(F.col(name).cast("string")) == "")
+        conditions[f"{name}:expected"] = expected
+        conditions[f"{name}:missing"] = expected & empty
+    counted = judged.agg(*[F.count(F.when(condition, True)).alias(name) for name, condition in conditions.items()])
+    by_name = F.create_map(*[part for name in conditions for part in (F.lit(name), F.col(name))])
+    unknown = (
+        raw.select(F.explode(F.col(UNKNOWN_FIELDS)).alias("field"))
+        .groupBy("field").agg(F.count(F.lit(1)).alias("count"))
+        .select(F.concat(F.lit(UNKNOWN_PREFIX), F.col("field")).alias("name"), F.col("count"))
+    )
+    # Both parts in one job: a job costs a few hundred ms of scheduling.
+    found = {row["name"]: row["count"] for row in
+             counted.select(F.explode(by_name).alias("name", "count")).unionByName(unknown).collect()}
+    return {
+        "records": found["records"],
+        "rejected": found["rejected"],
+        "json_objects": found["json_objects"],
+        "required": {name: {"expected": found[f"{name}:expected"], "missing": found[f"{name}:missing"]}
+                     for name, _ in REQUIRED_FIELDS[tree]},
+        "unknown_fields": {name[len(UNKNOWN_PREFIX):]: count for name, count in sorted(found.items())
+                           if name.startswith(UNKNOWN_PREFIX)},
+    }
 
 
 # --------------------------------------------------------------------------- transform
@@ -688,6 +836,7 @@ class Change:
 class Increment:
     """What a daily run publishes: whole tables for the gate, changes to write, the trees' new segments."""
     tables: Dict[str, DataFrame]
+    songs: DataFrame  # every clean song record that counts now, for the gate
     events: DataFrame  # every clean event that counts now, for the gate
     changes: List[Change]
     segments: Dict[str, DataFrame]
@@ -930,7 +1079,7 @@ def build_increment(spark: SparkSession, settings: Settings, intakes: Mapping[st
               SONGPLAYS: songplays_new}
     segments = {tree: records[3] for tree, records in ((SONG_DATA, song_records), (LOG_DATA, event_records))
                 if records[3] is not None}
-    return Increment(tables, events_new, changes, segments)
+    return Increment(tables, songs_new_records, events_new, changes, segments)
 
 
 def find_touched(changes: Sequence[Change]) -> None:
@@ -967,9 +1116,24 @@ def written_partitions(contents: Sequence[Tuple[Change, DataFrame]]) -> List[Lis
 
 # --------------------------------------------------------------------------- quality gate
 
-REFERENCES = ((USERS, "user_id"), (SONGS, "song_id"), (ARTISTS, "artist_id"), (TIME, "start_time"))
-PLAYS = "NextSong events"  # the songplays the events call for, counted beside the tables
 AGGREGATE_NAME = "_aggregate"
+SUCCEEDED = "succeeded"
+# What was read that calls for one row of each table: the contract's rules, counted on the parsed input.
+READ_ROWS = {
+    SONGS: "accepted song_id",
+    ARTISTS: "artist_id of an accepted song",
+    USERS: "known user in the events",
+    TIME: "ts of a NextSong event of a known user",
+    SONGPLAYS: "NextSong event of a known user",
+}
+RECORDS = {SONG_DATA: "song records", LOG_DATA: "events"}
+NOTHING_EARLIER = "no earlier successful run to compare with"
+# A match rate made of fewer matched plays than this is noise (the sample has one): it is not compared.
+MIN_MATCHED_TO_COMPARE = 50
+# Fewer lines than this lacking a required field are a few bad lines, which rejects are for (one of the
+# sample's 71 song files is 1.4%), not a field gone upstream: they never fail the run.
+MIN_MISSING_LINES = 10
+SHARE_DIGITS = 6
 
 
 def collect_aggregates(aggregates: Mapping[str, DataFrame]) -> Dict[str, Row]:
@@ -979,53 +1143,173 @@ def collect_aggregates(aggregates: Mapping[str, DataFrame]) -> Dict[str, Row]:
     return {row[AGGREGATE_NAME]: row for row in reduce(DataFrame.unionByName, named).collect()}
 
 
-def _key_stats(tables: Mapping[str, DataFrame], events: DataFrame) -> Dict[str, Row]:
-    """Rows, keyed rows and distinct keys of each table, and the distinct NextSong events of known users
-    that songplays must reconcile with, in one job."""
-    keyed = {name: (tables[name], F.col(SPECS[name].key)) for name in TABLES}
-    # A struct is never null, and distinct counts a null field as a value: as distinct() on the key would.
-    keyed[PLAYS] = (known_user_events(events).filter(F.col("page") == NEXT_SONG), F.struct(*EVENT_KEY))
-    return collect_aggregates({
-        name: frame.agg(F.count(F.lit(1)).alias("rows"), F.count(key).alias("keyed"),
-                        F.countDistinct(key).alias("distinct"))
-        for name, (frame, key) in keyed.items()
-    })
+def read_rows(songs: DataFrame, events: DataFrame) -> Dict[str, DataFrame]:
+    """Per table, a one-row count of what was read that calls for one row each (READ_ROWS): computed from
+    the accepted records, not from the tables."""
+    known = known_user_events(events)
+    plays = known.filter(F.col("page") == NEXT_SONG)
+    # A struct is never null, and distinct counts a null field as a value: as a groupBy on the key would.
+    return {
+        SONGS: songs.agg(F.countDistinct(F.col("song_id")).alias("n")),
+        ARTISTS: songs.agg(F.countDistinct(F.col("artist_id")).alias("n")),
+        USERS: known.agg(F.countDistinct(F.col("user_id")).alias("n")),
+        TIME: plays.agg(F.countDistinct(F.col("ts")).alias("n")),
+        SONGPLAYS: plays.agg(F.countDistinct(F.struct(*EVENT_KEY)).alias("n")),
+    }
 
 
-def _key_checks(by_table: Mapping[str, Row]) -> List[Check]:
+def measure(tables: Mapping[str, DataFrame], songs: DataFrame, events: DataFrame) -> Dict[str, object]:
+    """In one job: each table's rows, the songplays matched to a song, and the rows what was read calls for."""
+    aggregates = {f"rows {name}": tables[name].agg(F.count(F.lit(1)).alias("n")) for name in TABLES}
+    aggregates["matched"] = tables[SONGPLAYS].agg(F.count(F.col("song_id")).alias("n"))
+    aggregates.update({f"read {name}": frame for name, frame in read_rows(songs, events).items()})
+    found = collect_aggregates(aggregates)
+    return {"rows": {name: found[f"rows {name}"]["n"] for name in TABLES},
+            "read": {name: found[f"read {name}"]["n"] for name in TABLES},
+            "matched": found["matched"]["n"]}
+
+
+def _share(part: float, whole: Optional[float]) -> float:
+    """part / whole, rounded as the report shows it: a check compares the value it reports."""
+    return round(part / whole, SHARE_DIGITS) if whole else 0.0
+
+
+def run_figures(measured: Mapping[str, object], read: Mapping[str, Mapping[str, object]]) -> Dict[str, object]:
+    """The figures the next run measures drift against, kept in this run's report."""
+    songplays = measured["rows"][SONGPLAYS]
+    return {
+        "rows": dict(measured["rows"]),
+        "matched_songplays": measured["matched"],
+        "match_rate": _share(measured["matched"], songplays) if songplays else None,
+        "rejected_share": {tree: _share(profile["rejected"], profile["records"]) for tree, profile in read.items()},
+    }
+
+
+def figures_of(document: Mapping[str, object]) -> Dict[str, object]:
+    """An earlier run's figures, from its report; one from before the gate kept them has no match rate."""
+    kept = (document.get("quality") or {}).get("figures")
+    if kept:
+        return kept
+    inputs, rejected = document.get("input") or {}, document.get("rejected") or {}
+    return {
+        "rows": {name: entry.get("rows") for name, entry in (document.get("tables") or {}).items()},
+        "matched_songplays": None,
+        "match_rate": None,
+        "rejected_share": {tree: _share(rejected.get(tree, 0), inputs[records]) for tree, (_, records)
+                           in REPORT_INPUT_KEYS.items() if inputs.get(records)},
+    }
+
+
+def last_successful_run(store: Store, output_root: str) -> Optional[dict]:
+    """The report of the newest run that succeeded, from <output>/_runs/ (run ids start with their UTC
+    time, so names sort in time order), or None."""
+    folder = join(output_root, RUNS_DIR)
+    names = sorted((key for key in store.keys(folder) if "/" not in key and key.endswith(".json")), reverse=True)
+    for name in names:
+        document = store.read_json(join(folder, name))
+        if document and document.get("status") == SUCCEEDED:
+            return document
+    return None
+
+
+def required_field_checks(read: Mapping[str, Mapping[str, object]], quality: QualitySettings) -> List[Check]:
+    """Schema drift: a field renamed, dropped or emptied upstream makes rows vanish or go unmatched silently."""
+    checks, limit = [], quality.max_missing_share
+    for tree, fields in REQUIRED_FIELDS.items():
+        for name, page in fields if tree in read else ():
+            counts, where = read[tree]["required"][name], f"{page} events" if page else RECORDS[tree]
+            share = _share(counts["missing"], counts["expected"])
+            detail = f"missing or empty in {counts['missing']:,} of {counts['expected']:,} {where} ({share:.2%}; " \
+                     f"at most {limit:.2%}, or fewer than {MIN_MISSING_LINES} lines)"
+            passed = share <= limit or counts["missing"] < MIN_MISSING_LINES
+            checks.append(Check(f"{name} is present in {where}", passed, detail, value=share, threshold=limit))
+    return checks
+
+
+def table_checks(measured: Mapping[str, object]) -> List[Check]:
+    """Every table has rows; and as many as what was read calls for. The second can only fail if the code
+    between reading and writing (the builders) loses or repeats rows: it guards the write against that."""
     checks = []
     for name in TABLES:
-        row, key = by_table[name], SPECS[name].key
-        nulls, duplicates = row["rows"] - row["keyed"], row["keyed"] - row["distinct"]
-        checks.append(Check(f"{name} is not empty", row["rows"] > 0, f"{row['rows']} rows"))
-        checks.append(Check(f"{name}.{key} is unique and not null", nulls == 0 and duplicates == 0,
-                            f"{nulls} null, {duplicates} duplicated"))
+        rows, read = measured["rows"][name], measured["read"][name]
+        checks.append(Check(f"{name} is not empty", rows > 0, f"{rows:,} rows", value=rows, threshold=1))
+        checks.append(Check(f"{name} has one row per {READ_ROWS[name]}", rows == read,
+                            f"{rows:,} rows; what was read holds {read:,}", value=rows, threshold=read))
     return checks
 
 
-def _reference_checks(tables: Mapping[str, DataFrame]) -> List[Check]:
-    """Every songplay's keys are in their dimensions, counted in one pass over songplays."""
-    flagged = tables[SONGPLAYS]
-    for parent, key in REFERENCES:
-        # distinct(): a duplicated parent key (caught by its own check) must not repeat songplays rows.
-        found = tables[parent].select(F.col(key)).distinct().withColumn(f"in_{parent}", F.lit(True))
-        flagged = flagged.join(found, on=key, how="left")
-    orphans = flagged.agg(*[
-        F.sum((F.col(key).isNotNull() & F.col(f"in_{parent}").isNull()).cast("long")).alias(parent)
-        for parent, key in REFERENCES
-    ]).first()
-    return [Check(f"{SONGPLAYS}.{key} is in {parent}", not orphans[parent],
-                  f"{orphans[parent] or 0} rows without a match") for parent, key in REFERENCES]
+def _fall(now: float, was: float) -> Tuple[float, str]:
+    """How far now fell below was, as a share of was, and in words."""
+    fall = _share(was - now, was)
+    return fall, f"{'fell' if fall > 0 else 'rose'} {abs(fall):.1%}" if fall else "unchanged"
 
 
-def run_checks(tables: Mapping[str, DataFrame], events: DataFrame) -> List[Check]:
-    """The quality gate: nothing is published unless every check passes."""
-    stats = _key_stats(tables, events)
-    checks = _key_checks(stats) + _reference_checks(tables)
-    expected, actual = stats[PLAYS]["distinct"], stats[SONGPLAYS]["rows"]
-    checks.append(Check("songplays reconcile with NextSong events", expected == actual,
-                        f"{expected} distinct NextSong events of known users, {actual} songplays"))
+def drift_checks(figures: Mapping[str, object], previous: Optional[Mapping[str, object]],
+                 quality: QualitySettings) -> List[Check]:
+    """Against the last successful run: a table losing rows, plays no longer matching songs, more rejects.
+    Without an earlier run (or an earlier figure), each passes and says so."""
+    before = figures_of(previous) if previous else {"rows": {}, "rejected_share": {}}
+    since = f"at the last successful run ({previous.get('run_id')})" if previous else ""
+    checks = []
+    for name in TABLES:
+        now, was, limit = figures["rows"][name], before["rows"].get(name), quality.max_rows_fall
+        fall, words = _fall(now, was) if was is not None else (0.0, NOTHING_EARLIER)
+        detail = f"{now:,} rows, {was:,} {since}: {words} (at most a {limit:.0%} fall)" if was is not None \
+            else f"{now:,} rows; {words}"
+        checks.append(Check(f"{name} rows did not fall", fall <= limit, detail, value=now, threshold=limit,
+                            previous=was))
+
+    now, was, limit = figures["match_rate"], before.get("match_rate"), quality.max_match_rate_fall
+    fall, matched = 0.0, f"{now:.2%} of songplays matched to a song" if now is not None else ""
+    if now is None:
+        detail = "no songplays"
+    elif not previous:
+        detail = f"{matched}; {NOTHING_EARLIER}"
+    elif was is None or (before.get("matched_songplays") or 0) < MIN_MATCHED_TO_COMPARE:
+        detail = f"{matched}; fewer than {MIN_MATCHED_TO_COMPARE} matched songplays {since}: too few to compare"
+    else:
+        fall, words = _fall(now, was)
+        detail = f"{matched}, {was:.2%} {since}: {words} (at most a {limit:.0%} fall, relative to itself)"
+    checks.append(Check("match rate did not fall", fall <= limit, detail, value=now, threshold=limit, previous=was))
+
+    limit = quality.max_rejected_share_rise
+    for tree, now in figures["rejected_share"].items():
+        was = before["rejected_share"].get(tree)
+        rise = round(now - was, SHARE_DIGITS) if was is not None else 0.0
+        detail = f"{now:.2%} of lines rejected, {was:.2%} {since}: {rise * 100:+.2f} points " \
+                 f"(at most +{limit * 100:.2f})" if was is not None \
+            else f"{now:.2%} of lines rejected; {NOTHING_EARLIER}"
+        checks.append(Check(f"{tree} rejected share did not rise", rise <= limit, detail, value=now, threshold=limit,
+                            previous=was))
     return checks
+
+
+def run_checks(measured: Mapping[str, object], read: Optional[Mapping[str, Mapping[str, object]]] = None,
+               quality: QualitySettings = QualitySettings(), previous: Optional[Mapping[str, object]] = None,
+               ) -> List[Check]:
+    """The quality gate: nothing is published unless every check passes. Causes first (a required field
+    gone), then what they do to the tables: the first failed check is the one the error line names."""
+    read = read or {}
+    return required_field_checks(read, quality) + table_checks(measured) + \
+        drift_checks(run_figures(measured, read), previous, quality)
+
+
+def quality_gate(tables: Mapping[str, DataFrame], songs: DataFrame, events: DataFrame, report: RunReport,
+                 settings: Settings, store: Store) -> List[Check]:
+    """Measures the tables and what was read, against the last successful run; keeps the figures in the report."""
+    previous = last_successful_run(store, settings.output_root)
+    measured = measure(tables, songs, events)
+    read = report.quality.get("read", {})
+    report.quality.update(figures=run_figures(measured, read), previous_run=previous and previous.get("run_id"))
+    return run_checks(measured, read, settings.quality, previous)
+
+
+def gate_failure(failed: Sequence[Check]) -> str:
+    """The one line a user sees when the gate fails: the first failed check, by name."""
+    others = len(failed) - 1
+    more = f" (and {others} more failed check{'s' if others > 1 else ''}: see the run report)" if others else ""
+    return f'the quality gate failed: "{failed[0].name}": {failed[0].detail}{more}; no table was published, ' \
+           f"the previous tables stay"
 
 
 # --------------------------------------------------------------------------- load
@@ -1054,7 +1338,7 @@ REJECTS_SCHEMA = f"{SOURCE_FILE} string, {REASON} string, line string"
 class Write:
     """One frame Spark writes to a unit's staging folder."""
     unit: Unit
-    frame: DataFrame
+    frame: Optional[DataFrame]  # None: nothing to write (a table a daily run leaves as it is)
     partition_by: Tuple[str, ...] = ()
     kind: str = TABLE  # TABLE: write_table; RECORDS: a state segment, as Spark's tasks hold it; REJECTS: JSON
     label: Optional[str] = None  # the phase (and pause point) it is written in, if any
@@ -1078,6 +1362,8 @@ def stage(writes: Sequence[Write], report: RunReport, store: Store, spool: Optio
         return path
 
     def write(item: Write) -> None:
+        if item.frame is None:
+            return
         if item.kind == REJECTS:  # rejects are few; one file per tree is easiest to inspect
             item.frame.coalesce(1).write.mode("overwrite").json(target(item.unit))
         elif item.kind == RECORDS:
@@ -1184,6 +1470,9 @@ def increment_output(settings: Settings, run_id: str, increment: Increment, inta
         else:
             tables.setdefault(change.name, []).extend(changed)
         rewritten[change.name], removed[change.name] = len(kept), len(gone)
+    # Every table has its phase and pause point, written or not, as in a full build.
+    writes += [Write(Unit(settings.output_root, name), None, label=f"write {name}") for name in TABLES
+               if name not in tables]
     # State first, its manifest last; then the tables, dimensions first (as a full build publishes them).
     # Writes in the same order, so that each phase is one label.
     writes.sort(key=lambda item: 0 if item.label == WRITE_STATE else 1 + TABLES.index(item.unit.name))
@@ -1205,7 +1494,8 @@ def require_staged_data(store: Store, writes: Sequence[Write], run_id: str) -> N
     """The gate saw rows in every table; a staged table without a data file means a committer lost them
     (say, a staging committer on a cluster without a shared file system). Never publish that."""
     for item in writes:
-        if item.kind == TABLE and item.unit.name in TABLES and not store.has_data(item.unit.staged(run_id)):
+        if item.frame is not None and item.kind == TABLE and item.unit.name in TABLES \
+                and not store.has_data(item.unit.staged(run_id)):
             raise EtlError(f"the write of {item.unit.name} left no data file in staging, though it has rows")
 
 
@@ -1254,12 +1544,16 @@ def _read_tree(report: RunReport, tree: str, read: Callable[[], Tuple[DataFrame,
         files_key, records_key = REPORT_INPUT_KEYS[tree]
         raw, report.input[files_key] = read()
         counts["files"] = report.input[files_key]
-        raw = raw.cache()
+        raw = lines_of_rejects_only(raw, tree).cache()
         clean, rejects = split(raw)
-        rows = count_rows({"records": raw, "rejected": rejects})
-        report.input[records_key] = counts["records"] = rows["records"]
-        report.rejected[tree] = counts["rejected"] = rows["rejected"]
+        profile = profile_read(raw, tree)
+        report.input[records_key] = counts["records"] = profile["records"]
+        report.rejected[tree] = counts["rejected"] = profile["rejected"]
+        report.quality.setdefault("read", {})[tree] = profile
         per_file = {row[SOURCE_FILE]: row["count"] for row in clean.groupBy(SOURCE_FILE).count().collect()}
+    if profile["unknown_fields"]:
+        LOG.warning("%s: fields the schema does not know, with the lines carrying each: %s", tree,
+                    ", ".join(f"{name} {count}" for name, count in profile["unknown_fields"].items()))
     return clean, rejects, per_file
 
 
@@ -1275,8 +1569,12 @@ def extract(spark: SparkSession, settings: Settings, report: RunReport, plan: Ru
         def read(tree: str = tree, files: Sequence[InputFile] = files) -> Tuple[DataFrame, int]:
             return read_files(spark, plan, settings.input_root, tree, files, whole), len(files)
 
-        clean[tree], rejects[tree], counts = _read_tree(report, tree, read, split)
-        per_file.update(counts)
+        if files:
+            clean[tree], rejects[tree], counts = _read_tree(report, tree, read, split)
+            per_file.update(counts)
+        else:  # a daily run with nothing new in this tree: no phase, no job
+            clean[tree], rejects[tree] = split(read()[0])
+            report.input.update(dict.fromkeys(REPORT_INPUT_KEYS[tree], 0))
         if tree == SONG_DATA:
             pause_point("read")
     return clean, rejects, per_file
@@ -1320,31 +1618,34 @@ def transform_increment(spark: SparkSession, settings: Settings, report: RunRepo
 
 
 def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
-            intakes: Mapping[str, TreeIntake]) -> bool:
-    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published."""
+            intakes: Mapping[str, TreeIntake], lock: Optional[Lock] = None) -> bool:
+    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published. A run
+    that no longer holds the lake (lock) publishes nothing more."""
     with spool_folder(plan, f"{report.run_id}-lake") as folder:
-        return _run_job(spark, settings, plan, report, intakes, LakeCopy(plan.output_store, folder))
+        return _run_job(spark, settings, plan, report, intakes, LakeCopy(plan.output_store, folder), lock)
 
 
 def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
-             intakes: Mapping[str, TreeIntake], copy: LakeCopy) -> bool:
+             intakes: Mapping[str, TreeIntake], copy: LakeCopy, lock: Optional[Lock]) -> bool:
     store, run_id = plan.output_store, report.run_id
     whole = report.intake["mode"] == FULL
     clean, rejects, per_file = extract(spark, settings, report, plan, intakes, whole)
     plays = latest = increment = None
     if whole:
         tables, plays, latest = transform(clean[SONG_DATA], clean[LOG_DATA], report)
-        events = clean[LOG_DATA]
+        songs, events = clean[SONG_DATA], clean[LOG_DATA]
     else:
         increment = transform_increment(spark, settings, report, intakes, clean, copy)
-        tables, events = increment.tables, increment.events
+        tables, songs, events = increment.tables, increment.songs, increment.events
     with phase(report, "quality gate") as counts:
         pause_point("gate")
-        report.checks = run_checks(tables, events)
+        report.checks = quality_gate(tables, songs, events, report, settings, store)
         failed = [check for check in report.checks if not check.passed]
         counts["checks"], counts["failed"] = len(report.checks), len(failed)
     for check in failed:
         LOG.error("check failed: %s (%s)", check.name, check.detail)
+    if failed:
+        report.error = report.error_line = gate_failure(failed)
     writes = reject_writes(spark, copy, settings, intakes, rejects, whole)
     to_publish = [item.unit for item in writes]
     if not failed:
@@ -1362,7 +1663,7 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
             {name: report.tables[name]["rows"] for name in TABLES}))
     require_staged_data(store, writes, run_id)
     with phase(report, "publish") as counts:
-        publish(store, to_publish, run_id, settings.output_root)
+        publish(store, to_publish, run_id, settings.output_root, lock)
         report.published = published_folders(to_publish)
         counts["folders"] = len(to_publish)
     report.status = "failed" if failed else "succeeded"
@@ -1413,7 +1714,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: cannot lock {settings.output_root}: {one_line(exc)}", file=sys.stderr)
         return 1
     try:
-        code = locked_run(settings, plan, report)
+        code = locked_run(settings, plan, report, lock)
     finally:
         try:
             lock.release()
@@ -1424,13 +1725,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
 
-def locked_run(settings: Settings, plan: RunPlan, report: RunReport) -> int:
+def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optional[Lock] = None) -> int:
     """Everything after the lock: recovery, the run, and a report that says at every moment what is true."""
     store, roots = plan.output_store, staging_roots(settings)
     LOG.info("input %s -> output %s, run %s", settings.input_root, settings.output_root, report.run_id)
     LOG.info("Spark set-up: %s", plan.spark.summary)
     try:
-        finished = recover(store, roots, settings.output_root)
+        finished = recover(store, roots, settings.output_root, lock)
+        open_staging(store, settings.output_root, report.run_id)
         begin_report(store, report, finished)
     except Exception as exc:
         print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
@@ -1443,11 +1745,11 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport) -> int:
     except Exception as exc:
         report.error = str(exc) if isinstance(exc, EtlError) else one_line(exc)
         report.error_line = failure_line(report, settings, plan)
-        return end_report(store, report, roots, 1)
+        return end_report(store, report, roots, 1, lock)
     if report.intake["mode"] == INCREMENTAL and not any(intake.touched for intake in intakes.values()):
         LOG.info("nothing new since run %s: every table stays as it was published", report.intake["previous_run"])
         report.status = "succeeded"
-        return end_report(store, report, roots, catalog_step(settings, plan, report))
+        return end_report(store, report, roots, catalog_step(settings, plan, report), lock)
     LOG.info("%s build: %s", report.intake["mode"],
              report.intake["why_full"] or "from the lake's state and the files added, changed or removed")
     try:
@@ -1455,35 +1757,43 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport) -> int:
             spark = create_spark_session(plan)
     except Exception as exc:  # no Java, say, or jars missing; nothing has been read or written yet
         report.error = str(exc) if isinstance(exc, EtlError) else f"cannot start Spark: {one_line(exc)}"
-        code = end_report(store, report, roots, 2 if isinstance(exc, EtlError) else 1)
+        code = end_report(store, report, roots, 2 if isinstance(exc, EtlError) else 1, lock)
         print(f"error: {report.error}", file=sys.stderr)  # last, so it is the line a user sees
         return code
     try:
-        code = 0 if run_job(spark, settings, plan, report, intakes) else 1
+        code = 0 if run_job(spark, settings, plan, report, intakes, lock) else 1
     except Exception as exc:  # the report must still say the run failed
-        report.error = one_line(exc)
+        report.error = str(exc) if isinstance(exc, EtlError) else one_line(exc)
         LOG.error("run failed: %s", report.error)
         code = 1
     finally:
         spark.stop()
-    if report.error:
+    if report.error and not report.error_line:  # the gate writes its own
         report.error_line = failure_line(report, settings, plan)
     if code == 0:
         code = catalog_step(settings, plan, report)
     if report.catalog.get("status") == "failed":
         report.error_line = (f"the tables are published, but registering them in the Glue Data Catalog "
                              f"(database {settings.catalog_database}) failed: {report.catalog['error']}")
-    return end_report(store, report, roots, code)
+    return end_report(store, report, roots, code, lock)
 
 
 def failure_line(report: RunReport, settings: Settings, plan: RunPlan) -> str:
     """What stopped the run, in one line: where it was, and whether anything was published."""
     where = f"the run stopped in '{report.current_phase}'" if report.current_phase else "the run stopped"
-    published = "publishing was cut short (the next run completes it)" if report.current_phase == "publish" \
-        else "nothing was published"
     # A failed run may be a lost endpoint: one quick request to each store says so.
     lost = plan.output_store.unreachable(settings.output_root) or plan.input_store.unreachable(settings.input_root)
+    cut_short = report.current_phase == "publish" and (bool(lost) or _journal_left(plan.output_store, settings, report))
+    published = "publishing was cut short (the next run completes it)" if cut_short else "nothing was published"
     return f"{lost}: {where}; {published}" if lost else f"{where}: {report.error}; {published}"
+
+
+def _journal_left(store: Store, settings: Settings, report: RunReport) -> bool:
+    """A publish is under way once its journal is written, until it is finished or undone (the journal goes)."""
+    try:
+        return store.read_json(journal_path(settings.output_root, report.run_id)) is not None
+    except Exception:  # cannot tell: say what the next run will do if it is
+        return True
 
 
 def staging_roots(settings: Settings) -> List[str]:

@@ -154,9 +154,11 @@ def _submitted(environ: Mapping[str, str]) -> bool:
     return "PYSPARK_GATEWAY_PORT" in environ
 
 
-def spark_setup(environ: Mapping[str, str], marker: Optional[str], aws: AwsSettings = AwsSettings(),
+def spark_setup(environ: Mapping[str, str], marker: Optional[str], aws: Optional[AwsSettings] = None,
                 input_on_s3: bool = False, output_on_s3: bool = False, nio_jar: str = NIO_JAR) -> SparkSetup:
-    """The session's settings and jars for how the job was started and what it touches, with a summary of why."""
+    """The session's settings and jars for how the job was started and what it touches, with a summary of why.
+    aws matters only where S3 is touched."""
+    aws = aws or AwsSettings()
     if marker:
         return SparkSetup(summary=f"EMR ({marker}): S3, committers and local files are left to EMR's own set-up")
     submitted = _submitted(environ)

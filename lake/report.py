@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 from lake.errors import one_line
+from lake.lock import Lock
 from lake.paths import join
 from lake.publish import clear_staging
 from lake.stores import Store
@@ -27,6 +28,9 @@ class Check:
     name: str
     passed: bool
     detail: str
+    value: Optional[float] = None  # what this run measured
+    threshold: Optional[float] = None  # the limit the value is held to; the detail says which way
+    previous: Optional[float] = None  # for a drift check, the same measure at the last successful run
 
 
 def new_run_id() -> str:
@@ -51,6 +55,7 @@ class RunReport:
     phases: Dict[str, float] = field(default_factory=dict)
     published: List[str] = field(default_factory=list)
     catalog: Dict[str, object] = field(default_factory=dict)  # the Glue Data Catalog step, once it has run
+    quality: Dict[str, object] = field(default_factory=dict)  # what the quality gate measured
     # Full or incremental, and why; files added, changed and removed; partitions rewritten; rows added.
     intake: Dict[str, object] = field(default_factory=dict)
     current_phase: Optional[str] = None  # the phase running now: where a failed run stopped
@@ -75,6 +80,7 @@ class RunReport:
             "catalog": self.catalog,
             "tables": self.tables,
             "checks": [vars(check) for check in self.checks],
+            "quality": self.quality,
             "phases_s": self.phases,
         }
 
@@ -106,15 +112,18 @@ def begin_report(store: Store, report: RunReport, finished: Mapping[str, List[st
     store.write_json(latest, report.document())
 
 
-def end_report(store: Store, report: RunReport, staging_roots: Sequence[str], code: int) -> int:
-    """Clears this run's staging, then files the final report; returns the exit code."""
+def end_report(store: Store, report: RunReport, staging_roots: Sequence[str], code: int,
+               lock: Optional[Lock] = None) -> int:
+    """Clears this run's staging, then files the final report; returns the exit code. A run that lost the
+    lake to another run files its report under _runs/ only: the latest report is the new holder's."""
     if report.status == "running":
         report.status = "failed"
     document = report.document()
     try:
         clear_staging(store, staging_roots, report.output_root, report.run_id)
         store.write_json(join(report.output_root, RUNS_DIR, f"{report.run_id}.json"), document)
-        store.write_json(join(report.output_root, REPORT_NAME), document)
+        if not (lock and lock.lost):
+            store.write_json(join(report.output_root, REPORT_NAME), document)
     except Exception as exc:
         LOG.error("could not finish the run report in %s: %s", report.output_root, one_line(exc))
         return code or 1

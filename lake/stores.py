@@ -73,8 +73,14 @@ class Store(Protocol):
 
     def children(self, path: str) -> List[str]: ...
 
+    def keys(self, path: str) -> List[str]:
+        """Every file below path, relative to it, whatever the depth."""
+
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         """Removes path and all below it, or only the given keys below it."""
+
+    def prune(self, path: str) -> None:
+        """Removes the folder path if it is empty: never what another run has just put there."""
 
     def has_data(self, path: str) -> bool:
         """Whether a reader would see any file below path."""
@@ -141,6 +147,10 @@ class LocalStore:
     def children(self, path: str) -> List[str]:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
+    def keys(self, path: str) -> List[str]:
+        return [os.path.relpath(os.path.join(parent, name), path).replace(os.sep, "/")
+                for parent, _, files in os.walk(path) for name in files]
+
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         if keys is None:
             shutil.rmtree(path, ignore_errors=True)
@@ -150,6 +160,12 @@ class LocalStore:
                 os.remove(os.path.join(path, key))
             except FileNotFoundError:
                 pass
+
+    def prune(self, path: str) -> None:
+        try:
+            os.rmdir(path)  # fails on a folder that is not empty, atomically
+        except OSError:
+            pass
 
     def has_data(self, path: str) -> bool:
         return next(visible_files(path), None) is not None
@@ -327,6 +343,9 @@ class S3Store:
                 handle.write(body)
         in_flight(get, keys)
         return len(keys)
+
+    def prune(self, path: str) -> None:
+        pass  # a folder on S3 is its keys: gone with the last of them
 
     def has_data(self, path: str) -> bool:
         return any(map(is_visible_file, self.keys(path)))

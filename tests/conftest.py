@@ -19,11 +19,13 @@ os.environ.setdefault("SPARK_SUBMIT_OPTS", C1_ONLY)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 from pyspark.sql import SparkSession  # noqa: E402
 
+import dist  # noqa: E402  (tools/dist.py: the package zipped for --py-files, as `make dist` does)
 import etl  # noqa: E402
-from lake.plan import JARS_DIR
+import get_jars  # noqa: E402  (tools/get_jars.py: where `make setup` put the S3 jars)
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +65,17 @@ def event_records(spark):
 
 ETL = str(ROOT / "etl.py")
 SAMPLE = ROOT / "data"
-JARS_MANIFEST = Path(JARS_DIR) / "maven-jars.txt"  # tools/get_jars.py writes it; the Makefile reads it
+JARS_MANIFEST = get_jars.IVY_DIR / get_jars.MANIFEST  # tools/get_jars.py writes it; the Makefile reads it
 
 
-def maven_jars():
-    """The jars `make setup` resolved from Maven Central, for spark-submit's --jars (README, "spark-submit")."""
-    return [str(Path(JARS_DIR) / name) for name in JARS_MANIFEST.read_text().split()]
+def s3_jars():
+    """The jars `make setup` resolved (Spark's Ivy, in .ivy2/), for spark-submit's --jars (README, "spark-submit")."""
+    return get_jars.jar_paths()
+
+
+def py_files():
+    """spark-submit's --py-files with the lake/ package beside etl.py, zipped anew as `make submit` passes it."""
+    return ["--py-files", str(dist.build())]
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,10 @@ import boto3
 import pytest
 
 import etl
+from conftest import SAMPLE, free_port, read_tables
+from lake.catalog import register_catalog
 from lake.report import REPORT_NAME
 from lake.stores import S3Store
-from lake.catalog import register_catalog
-from conftest import SAMPLE, free_port, read_tables
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIACATALOGTEST", "AWS_SECRET_ACCESS_KEY": "catalog-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -119,6 +119,7 @@ def test_a_glue_failure_is_one_line_and_the_tables_stay_published(run_etl, aws, 
     assert any(item["Key"].endswith(".parquet") for item in listed["Contents"])
 
 
+@pytest.mark.check  # `make check`: a setting, refused before Spark starts
 @pytest.mark.parametrize("database, output, message", [
     (DATABASE, "local-out", f"[CATALOG] DATABASE = {DATABASE} needs an S3 output root (Athena reads only S3)"),
     ("Sparkify-DB", "s3://catalog-lake/x", "DATABASE in [CATALOG] of"),

@@ -7,6 +7,8 @@ import pytest
 import etl
 from conftest import SAMPLE
 
+pytestmark = pytest.mark.check  # `make check`: the command line and settings
+
 
 def assert_one_line_error(result, *fragments, status=2):
     lines = result.stderr.strip().splitlines()

@@ -8,9 +8,9 @@ import boto3
 from pyspark.testing import assertDataFrameEqual
 
 import etl
+from conftest import SAMPLE, py_files, read_tables, s3_jars
 from lake.plan import APP_NAME
 from lake.report import REPORT_NAME
-from conftest import SAMPLE, maven_jars, read_tables
 from test_s3 import download, spark_submit
 
 SECRET = "sEcReT-cluster-9d2e41-never-log-me"
@@ -57,7 +57,7 @@ def test_spark_submit_on_a_standalone_cluster_equals_a_local_run_and_keeps_secre
         # and Spark ships that configuration to the executors with each job.
         result = spark_submit("--master", spark_cluster["url"], "--conf", "spark.driver.host=127.0.0.1",
                               "--conf", "spark.executor.memory=1g", "--conf", "spark.ui.enabled=false",
-                              "--jars", ",".join(maven_jars()), etl.__file__, "--config", config,
+                              "--jars", ",".join(s3_jars()), *py_files(), etl.__file__, "--config", config,
                               "--input", "s3://cluster-in/", "--output", "s3://cluster-lake/lake", env=env)
     finally:
         executors.done.set()

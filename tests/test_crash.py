@@ -19,11 +19,11 @@ import pyarrow.dataset as ds
 import pytest
 
 import etl
+from conftest import ETL, SAMPLE
 from lake.lock import LEASE_NAME
 from lake.publish import PAUSE_ENV
 from lake.report import REPORT_NAME, RUNS_DIR
 from lake.stores import STAGING_DIR
-from conftest import ETL, SAMPLE
 
 PAUSE_TIMEOUT_S = 300
 LOCAL_KILLS = ["read", "gate", *[f"write {name}" for name in etl.TABLES], "publish", f"published {etl.SONGS}"]
@@ -190,11 +190,39 @@ def test_the_next_run_finishes_or_clears_a_killed_one(versions, killed_lakes, em
     assert latest["status"] == "succeeded"
     interrupted = json.loads((lake / RUNS_DIR / f"{killed_id}.json").read_text())
     assert interrupted["status"] == "interrupted"
-    if moment.startswith("published"):  # the killed run had started its publish: the next run finished it
-        assert sorted(interrupted["published"]) == sorted(latest["published"])
-        assert interrupted["published_by"] == latest["run_id"]
+    if moment.startswith("published"):  # the killed run had started its publish: the next run finished it,
+        assert interrupted["published"] and interrupted["published_by"] == latest["run_id"]
+        assert latest["published"] == [] and latest["intake"]["mode"] == "incremental"  # then found nothing new
     else:
         assert interrupted["published"] == [] and "published_by" not in interrupted
+
+
+def test_runs_sharing_a_rejects_root_never_touch_each_others_staging(versions, empty_config, tmp_path):
+    """Two outputs, one REJECTED_DATA: a run of the second, start to end, while a run of the first waits with
+    its rejects staged; the first then publishes its own rejects, which the second's recovery left alone."""
+    inputs, _, _, _ = versions
+    first_input = shutil.copytree(inputs["new"], tmp_path / "in-first")
+    (first_input / "song_data" / "bad-song.json").write_text("not json\n")
+    rejects = tmp_path / "rejects"
+    env = {"REJECTED_DATA": str(rejects)}
+    first = start(empty_config, "--input", first_input, "--output", tmp_path / "first", pause=[f"write {etl.SONGS}"],
+                  env=env)
+    try:
+        wait_for_pause(first, f"write {etl.SONGS}")
+        first_id = json.loads((tmp_path / "first" / REPORT_NAME).read_text())["run_id"]
+        staged = rejects / STAGING_DIR / first_id / etl.SONG_DATA
+        assert staged.is_dir()
+        assert run(empty_config, "--input", inputs["old"], "--output", tmp_path / "second", env=env)[0] == 0
+        assert staged.is_dir()
+        resume(first)
+        stderr = first.stderr.read()
+        assert first.wait(timeout=PAUSE_TIMEOUT_S) == 0, stderr[-3000:]
+    finally:
+        kill(first)
+    published = [json.loads(line) for path in (rejects / etl.SONG_DATA).glob("part-*")
+                 for line in path.read_text().splitlines()]
+    assert [row["source_file"].rsplit("/", 1)[-1] for row in published] == ["bad-song.json"], published
+    assert staged_leftovers(rejects) == []
 
 
 # --------------------------------------------------------------------------- S3
@@ -284,3 +312,30 @@ def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(s3_vers
                       Body=json.dumps({**lease, "expires_at": time.time() - 1}))
     status, stderr = run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)
     assert status == 0 and "taking over the stale lease of run 20261124T000000Z-deadbeef" in stderr
+
+
+def test_a_run_that_lost_its_lease_publishes_nothing(s3_versions, s3_endpoint, empty_config, tmp_path):
+    """The run is paused at the gate while another run takes its lease over (as one would that found it
+    stale: the paused run's clock, say, or a stalled machine); resumed, it stops at its publish."""
+    client, old, _ = s3_versions
+    lake, env = s3_lake(client, "lost-lease"), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, pause=["gate"], env=env)
+    try:
+        wait_for_pause(process, "gate")
+        thief = {"run_id": "20261129T000000Z-0123abcd", "host": "elsewhere", "pid": 1, "token": "thief",
+                 "expires_at": time.time() + 600}
+        client.put_object(Bucket="crash-bucket", Key=f"lost-lease/{LEASE_NAME}", Body=json.dumps(thief))
+        resume(process)
+        stderr = process.stderr.read()
+        status = process.wait(timeout=PAUSE_TIMEOUT_S)
+    finally:
+        kill(process)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 1 and errors == [stderr.strip().splitlines()[-1]], stderr[-3000:]
+    assert "lost its lease" in errors[0] and "run 20261129T000000Z-0123abcd on elsewhere" in errors[0], errors
+    assert errors[0].endswith("; nothing was published"), errors
+
+    after = download(client, "lost-lease", tmp_path / "after")
+    assert snapshot(after) == old and staged_leftovers(after) == []
+    assert json.loads((after / LEASE_NAME).read_text())["run_id"] == thief["run_id"]
+    assert json.loads((after / REPORT_NAME).read_text())["status"] == "running"  # the latest is not the loser's to end

@@ -30,5 +30,7 @@ def test_the_comparison_sees_one_changed_row(sample_output, tmp_path):
     source = f"'{sample_output}/users/*.parquet'"
     flip_one = f"""CASE WHEN user_id = (SELECT min(user_id) FROM {source})
                         THEN CASE level WHEN 'free' THEN 'paid' ELSE 'free' END ELSE level END"""
-    duckdb.execute(f"COPY (SELECT * REPLACE ({flip_one} AS level) FROM {source}) TO '{users}/part.parquet' (FORMAT parquet)")
-    assert compare_tables.differences(sample_output, changed) == {"users": "1 rows only in A, 1 only in B (of 97 and 97)"}
+    duckdb.execute(f"COPY (SELECT * REPLACE ({flip_one} AS level) FROM {source}) "
+                   f"TO '{users}/part.parquet' (FORMAT parquet)")
+    assert compare_tables.differences(sample_output, changed) == {
+        "users": "1 rows only in A, 1 only in B (of 97 and 97)"}

@@ -1,16 +1,18 @@
 """tools/emr.py, the EMR launcher, against moto's real S3 and EMR APIs on loopback (no AWS account)."""
 import configparser
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import boto3
 import pytest
 
 import etl
-from lake.report import REPORT_NAME
 from conftest import ROOT
+from lake.report import REPORT_NAME
 
 LAUNCHER = str(ROOT / "tools" / "emr.py")
 SECRET = "sEcReT-emr-launcher-never-upload"
@@ -58,8 +60,8 @@ def launch(*args, env, wait_for_output=False):
 def expected_step(on_failure):
     return {"Name": "sparkify-etl", "ActionOnFailure": on_failure, "HadoopJarStep": {
         "Jar": "command-runner.jar", "Properties": {}, "Args": [
-            "spark-submit", "--deploy-mode", "cluster", "--files", f"{CODE}/dl.cfg", f"{CODE}/etl.py",
-            "--config", "dl.cfg", "--input", "s3://udacity-dend/", "--output", "s3://emr-lake/lake/"]}}
+            "spark-submit", "--deploy-mode", "cluster", "--files", f"{CODE}/dl.cfg", "--py-files", f"{CODE}/lake.zip",
+            f"{CODE}/etl.py", "--config", "dl.cfg", "--input", "s3://udacity-dend/", "--output", "s3://emr-lake/lake/"]}}
 
 
 def step_of(emr, cluster_id, step_id):
@@ -67,7 +69,8 @@ def step_of(emr, cluster_id, step_id):
     return {key: found[key] for key in ("Name", "ActionOnFailure")} | {"HadoopJarStep": found["Config"]}
 
 
-def test_uploads_the_job_and_a_config_without_secrets_and_starts_a_transient_cluster(clients, aws_env, config):
+def test_uploads_the_job_its_package_and_a_config_without_secrets_and_starts_a_transient_cluster(clients, aws_env,
+                                                                                                  config):
     result = launch(*ARGS, "--config", config, "--instance-count", "5", "--no-wait", env=aws_env)
     assert result.returncode == 0, result.stderr
     cluster_id, step_id = result.stdout.split()[1].rstrip(":"), result.stdout.split()[3]
@@ -75,6 +78,13 @@ def test_uploads_the_job_and_a_config_without_secrets_and_starts_a_transient_clu
     s3 = clients["s3"]
     uploaded_job = s3.get_object(Bucket="emr-code", Key="sparkify/etl.py")["Body"].read()
     assert uploaded_job == (ROOT / "etl.py").read_bytes()
+    # The package as `make dist` zips it, built anew: every module of lake/, each as it is now.
+    uploaded_zip = s3.get_object(Bucket="emr-code", Key="sparkify/lake.zip")["Body"].read()
+    uploaded_package = zipfile.ZipFile(io.BytesIO(uploaded_zip))
+    modules = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "lake").rglob("*.py")
+                     if "__pycache__" not in path.parts)
+    assert sorted(uploaded_package.namelist()) == modules and "lake/__init__.py" in modules
+    assert all(uploaded_package.read(name) == (ROOT / name).read_bytes() for name in modules)
     uploaded_config = s3.get_object(Bucket="emr-code", Key="sparkify/dl.cfg")["Body"].read().decode()
     assert SECRET not in uploaded_config and ACCESS_KEY not in uploaded_config
     parsed = configparser.ConfigParser()
@@ -144,7 +154,11 @@ def test_dry_run_calls_nothing_and_prints_requests_that_can_be_sent_as_they_are(
 
     printed = json.loads(result.stdout)
     operations = [(r["service"], r["operation"]) for r in printed["requests"]]
-    assert operations == [("s3", "upload_file"), ("s3", "put_object"), ("emr", "run_job_flow")]
+    assert operations == [("s3", "upload_file"), ("s3", "upload_file"), ("s3", "put_object"), ("emr", "run_job_flow")]
+    package = printed["requests"][1]["params"]
+    assert (package["Filename"], package["Key"]) == (str(ROOT / "dist" / "lake.zip"), "sparkify/lake.zip")
+    step_args = printed["requests"][-1]["params"]["Steps"][0]["HadoopJarStep"]["Args"]
+    assert step_args == expected_step("TERMINATE_CLUSTER")["HadoopJarStep"]["Args"]  # --py-files .../lake.zip
     for request in printed["requests"]:  # exactly as printed
         response = getattr(clients[request["service"]], request["operation"])(**request["params"])
     cluster = clients["emr"].describe_cluster(ClusterId=response["JobFlowId"])["Cluster"]
@@ -152,15 +166,17 @@ def test_dry_run_calls_nothing_and_prints_requests_that_can_be_sent_as_they_are(
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--cluster-id", "j-NOSUCHCLUSTER"], "error: cannot use cluster j-NOSUCHCLUSTER: ResourceNotFoundException"),
+    (["--cluster-id", "j-NOSUCHCLUSTER"], "error: cannot use cluster j-NOSUCHCLUSTER: InvalidRequestException"),
     (["--instance-count", "three"], "error: instance count must be a whole number of at least 1: three"),
 ], ids=["unknown-cluster", "bad-count"])
 def test_launch_problems_are_one_line_before_anything_is_uploaded(clients, aws_env, config, extra, message):
-    clients["s3"].delete_objects(Bucket="emr-code", Delete={"Objects": [{"Key": "sparkify/etl.py"}]})
+    clients["s3"].delete_objects(Bucket="emr-code", Delete={"Objects": [{"Key": "sparkify/etl.py"},
+                                                                          {"Key": "sparkify/lake.zip"}]})
     result = launch(*ARGS, "--config", config, *extra, env=aws_env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines == [message], result.stderr
     assert clients["s3"].list_objects_v2(Bucket="emr-code", Prefix="sparkify/etl.py")["KeyCount"] == 0
+    assert clients["s3"].list_objects_v2(Bucket="emr-code", Prefix="sparkify/lake.zip")["KeyCount"] == 0
 
 
 @pytest.mark.parametrize("report, step_failure, code, error", [

@@ -7,8 +7,8 @@ from pathlib import Path
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from lake.report import REPORT_NAME
 from conftest import SAMPLE, read_tables
+from lake.report import REPORT_NAME
 
 FIGURES = {"songs": 71, "artists": 69, "users": 97, "songplays": 6820, "time": 6813}
 

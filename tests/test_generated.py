@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from lake.report import REPORT_NAME
 from conftest import ROOT, read_tables
+from lake.report import REPORT_NAME
 
 GENERATOR = str(ROOT / "tools" / "generate_data.py")
 ARGS = ["--songs", "300", "--events", "3000", "--cross-year", "--junk", "--seed", "7"]
@@ -38,5 +38,6 @@ def test_job_on_generated_data_across_new_year(spark, run_etl, generated, tmp_pa
     tables = read_tables(spark, out)
     months = sorted(tuple(row) for row in tables["songplays"].select("year", "month").distinct().collect())
     assert months == [(2018, 12), (2019, 1)]
-    assert tables["time"].filter("year = 2018 and month = 12 and day = 31").select("week").distinct().collect()[0][0] == 1
+    new_years_eve = tables["time"].filter("year = 2018 and month = 12 and day = 31")
+    assert new_years_eve.select("week").distinct().collect()[0][0] == 1
     assert tables["songplays"].filter("song_id is not null").count() > 100  # the generator plants catalogue plays

@@ -1,9 +1,14 @@
-"""EMR 7 runs Python 3.9: the files that run there (etl.py) or beside it (tools/emr.py) need nothing newer."""
+"""EMR 7 runs Python 3.9: the files that run there (etl.py, lake/) or beside it (tools/emr.py and what it imports)
+need nothing newer."""
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.check  # `make check`: a static check, like `make lint`
 
 EMR_PYTHON = "3.9"
 VERMIN = [os.path.join(os.path.dirname(sys.executable), "vermin"), f"--target={EMR_PYTHON}-", "--violations",
@@ -15,7 +20,7 @@ def vermin(*paths):
 
 
 def test_etl_and_the_launcher_run_on_python_3_9():
-    result = vermin(ROOT / "etl.py", ROOT / "tools" / "emr.py")
+    result = vermin(ROOT / "etl.py", ROOT / "lake", ROOT / "tools" / "emr.py", ROOT / "tools" / "dist.py")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -10,9 +10,9 @@ import pytest
 from pyspark.testing import assertDataFrameEqual
 
 import etl
+from conftest import SAMPLE, free_port, py_files, read_tables, s3_jars, s3_with_sample
 from lake.report import REPORT_NAME
 from lake.stores import PREFLIGHT_PROBE
-from conftest import SAMPLE, free_port, maven_jars, read_tables, s3_with_sample
 
 SECRET = "sEcReT-7f3a9c-never-log-me"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIATESTINGSPARKIFY", "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -119,7 +119,7 @@ def test_unreachable_endpoint_is_one_clear_line(run_etl, tmp_path):
 
 def test_spark_submit_with_jars_runs_the_same_file(spark, s3, s3_endpoint, empty_config, sample_output, tmp_path):
     """spark-submit starts the JVM first, so the jars come from --jars, as the README says."""
-    result = spark_submit("--jars", ",".join(maven_jars()), etl.__file__, "--config", empty_config,
+    result = spark_submit("--jars", ",".join(s3_jars()), *py_files(), etl.__file__, "--config", empty_config,
                           "--input", "s3://in-bucket", "--output", "s3://lake-bucket/submitted",
                           env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint})
     assert result.returncode == 0, result.output[-3000:]
@@ -133,7 +133,7 @@ def test_spark_submit_with_jars_runs_the_same_file(spark, s3, s3_endpoint, empty
 
 
 def test_spark_submit_without_the_s3a_jars_is_one_clear_line(s3, s3_endpoint, empty_config, tmp_path):
-    result = spark_submit(etl.__file__, "--config", empty_config, "--input", "s3://in-bucket",
+    result = spark_submit(*py_files(), etl.__file__, "--config", empty_config, "--input", "s3://in-bucket",
                           "--output", "s3://lake-bucket/no-jars", env={**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint})
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and errors == [

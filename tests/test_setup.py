@@ -1,15 +1,21 @@
 """How Spark is set up: the jars `make setup` resolved, and the one function that decides the session."""
+import os
 import re
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pyspark
 import pytest
 
+import dist
 import etl
+from conftest import JARS_MANIFEST, ROOT, s3_jars
 from lake.plan import CLOUD_COMMIT_PROTOCOL, NIO_FILE_SYSTEM, NIO_JAR, S3A_FILE_SYSTEM, SparkSetup, plan_run
 from lake.stores import LocalStore, S3Store
-from conftest import JARS_MANIFEST, maven_jars
+
+pytestmark = pytest.mark.check  # `make check`: Spark's set-up, decided before it starts
 
 SECRET = "sEcReT-setup-never-in-conf"
 LOCAL = etl.Settings("/in", "/out", "/out/_rejected")
@@ -31,11 +37,32 @@ def bundled_version(artifact):
 
 def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
     """Hadoop's S3A documentation: hadoop-aws must match hadoop-common exactly."""
-    names = JARS_MANIFEST.read_text().split()
-    aws = [name for name in names if name.startswith("hadoop-aws-")]
-    assert aws == [f"hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
-    assert f"spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
-    assert all(Path(jar).is_file() for jar in maven_jars())
+    names = JARS_MANIFEST.read_text().split()  # as Spark's Ivy names them: <group>_<artifact>-<version>.jar
+    aws = [name for name in names if "_hadoop-aws-" in name]
+    assert aws == [f"org.apache.hadoop_hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
+    assert f"org.apache.spark_spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
+    assert all(Path(jar).is_file() for jar in s3_jars())
+    # spark-hadoop-cloud alone: none of its dependencies (other clouds' connectors, Hadoop's client again).
+    assert not [name for name in names if re.search(r"azure|aliyun|gcs-connector|openstack|hadoop-client", name)]
+
+
+def test_the_package_zip_is_lake_as_it_is_now_and_imports_from_the_zip_alone(tmp_path):
+    """`make dist`: spark-submit's --py-files puts dist/lake.zip on the Python path, where `import lake` finds it."""
+    built = dist.build(target=tmp_path / "lake.zip")
+    names = zipfile.ZipFile(built).namelist()
+    assert "lake/__init__.py" in names
+    assert names == [path.relative_to(ROOT).as_posix() for path in dist.sources()]
+    found = subprocess.run([sys.executable, "-c", "import lake; print(lake.__file__)"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(built)}, capture_output=True, text=True, timeout=120)
+    assert found.stdout.strip() == str(built / "lake" / "__init__.py"), found.stderr
+    # Built anew: a module removed from the package is gone from the zip too.
+    package = tmp_path / "src" / "lake"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "old.py").write_text("")
+    dist.build(package, tmp_path / "again.zip")
+    (package / "old.py").unlink()
+    assert zipfile.ZipFile(dist.build(package, tmp_path / "again.zip")).namelist() == ["lake/__init__.py"]
 
 
 def test_local_run_started_by_python_uses_the_nio_file_system():

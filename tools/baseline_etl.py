@@ -17,8 +17,17 @@ import time
 from datetime import datetime
 
 from pyspark.sql import SparkSession
-from pyspark.sql.functions import (col, date_format, dayofmonth, hour, monotonically_increasing_id,
-                                   month, udf, weekofyear, year)
+from pyspark.sql.functions import (
+    col,
+    date_format,
+    dayofmonth,
+    hour,
+    monotonically_increasing_id,
+    month,
+    udf,
+    weekofyear,
+    year,
+)
 from pyspark.sql.types import TimestampType
 
 

@@ -18,7 +18,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -150,7 +149,8 @@ def run_baseline(data, work):
 def machine():
     java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
     import pyspark
-    return {"cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+    return {"cores": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
             "python": platform.python_version(), "java": java, "spark": pyspark.__version__,
             "platform": platform.platform()}
 
@@ -197,7 +197,8 @@ def ratios_for(tier, by_name):
 
 
 CASE_LABELS = {"ours": "ours (etl.py), contract layout", "ours-songs-by-year": "ours, `SONGS_PARTITION_BY = year`",
-               "duckdb": "DuckDB (`tools/duckdb_etl.py`, 2 threads)", "naive-baseline": "naive baseline (`tools/baseline_etl.py`)",
+               "duckdb": "DuckDB (`tools/duckdb_etl.py`, 2 threads)",
+               "naive-baseline": "naive baseline (`tools/baseline_etl.py`)",
                "floor": "floor: `cat` every input file, `cp` every output file"}
 
 

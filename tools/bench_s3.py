@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (generate, machine, the memory probe)
+import get_jars  # noqa: E402  (the S3 jars `make setup` resolved)
 
 ROOT = bench.ROOT
 PY = sys.executable
@@ -47,8 +48,8 @@ def start_servers(delay_ms):
             break
         except OSError:
             time.sleep(0.1)
-    proxy = subprocess.Popen([PY, str(ROOT / "tools" / "s3_proxy.py"), server, "--delay-ms", str(delay_ms), "--journal"],
-                             stdout=subprocess.PIPE, text=True)
+    proxy = subprocess.Popen([PY, str(ROOT / "tools" / "s3_proxy.py"), server, "--delay-ms", str(delay_ms),
+                              "--journal"], stdout=subprocess.PIPE, text=True)
     return server, proxy.stdout.readline().split()[-1], [moto, proxy]
 
 
@@ -126,8 +127,8 @@ def run_ours(name, proxy, s3, work):
     config = work / "empty.cfg"
     config.write_text("[AWS]\n[PATHS]\n")
     control(proxy, "reset", "POST")
-    figures = measure([PY, ROOT / "etl.py", "--config", config, "--input", f"s3://bench-in/{name}/", "--output", output],
-                      work / f"{name}-ours.log", {**KEYS, "AWS_ENDPOINT_URL": proxy})
+    figures = measure([PY, ROOT / "etl.py", "--config", config, "--input", f"s3://bench-in/{name}/",
+                       "--output", output], work / f"{name}-ours.log", {**KEYS, "AWS_ENDPOINT_URL": proxy})
     counts, journal = control(proxy, "counts"), control(proxy, "journal")["journal"]
     report = json.loads(s3.get_object(Bucket="bench-lake", Key=f"{name}-ours/_run_report.json")["Body"].read())
     objects = len(keys(s3, "bench-lake", f"{name}-ours/"))
@@ -158,7 +159,7 @@ def run_floor(name, proxy, objects):
 
 
 def run_baseline(name, proxy, work, timeout_s):
-    jars = ",".join(str(ROOT / ".jars" / jar) for jar in (ROOT / ".jars" / "maven-jars.txt").read_text().split())
+    jars = ",".join(get_jars.jar_paths())
     conf = {"fs.s3a.endpoint": proxy, "fs.s3a.path.style.access": "true", "fs.s3a.connection.ssl.enabled": "false"}
     submit = " ".join([f"--jars {jars}", *(f"--conf spark.hadoop.{k}={v}" for k, v in conf.items()), "pyspark-shell"])
     figures = measure([PY, ROOT / "tools" / "baseline_etl.py", f"s3a://bench-in/{name}/", f"s3a://bench-lake/{name}-baseline/"],
@@ -178,7 +179,8 @@ def table(runs):
         if base and base["wall_s"]:
             base_text, ratio = f"{base['wall_s']} s", f"{base['wall_s'] / ours['wall_s']:.1f}x"
         elif base:
-            base_text, ratio = f"> {base['timed_out_after_s']} s", f"> {base['timed_out_after_s'] / ours['wall_s']:.1f}x"
+            base_text = f"> {base['timed_out_after_s']} s"
+            ratio = f"> {base['timed_out_after_s'] / ours['wall_s']:.1f}x"
         else:
             base_text = ratio = "not run"
         rows.append(f"| {name} | {ours['wall_s']} s | {floor['wall_s']} s | {ours['wall_s'] / floor['wall_s']:.2f}x "

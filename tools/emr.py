@@ -3,10 +3,11 @@
 
     python tools/emr.py --code s3://my-bucket/code/ --input s3://udacity-dend/ --output s3://my-bucket/lake/
 
-Uploads etl.py and dl.cfg (every secret blanked) to the code prefix, starts a transient cluster that runs
-the job as a Spark step and terminates (or adds the step to --cluster-id), waits, and prints the run
-report. Settings: flag, then dl.cfg [EMR], then the defaults below. AWS credentials and the endpoint come
-from the standard AWS chain (profile, environment, AWS_ENDPOINT_URL), never from dl.cfg.
+Uploads etl.py, the lake/ package beside it (zipped anew into dist/lake.zip, as `make dist` does) and dl.cfg
+(every secret blanked) to the code prefix, starts a transient cluster that runs the job as a Spark step
+and terminates (or adds the step to --cluster-id), waits, and prints the run report. Settings: flag, then
+dl.cfg [EMR], then the defaults below. AWS credentials and the endpoint come from the standard AWS chain
+(profile, environment, AWS_ENDPOINT_URL), never from dl.cfg.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dist  # noqa: E402  (tools/dist.py: the package as a zip for --py-files)
 import etl  # noqa: E402  (its config reader and constants: one definition of dl.cfg)
 from lake.errors import one_line  # noqa: E402
 from lake.paths import is_s3, split_s3  # noqa: E402
@@ -39,6 +41,7 @@ DEFAULTS = {
 CLUSTER_NAME = "sparkify-etl"
 STEP_NAME = "sparkify-etl"
 JOB_FILE = "etl.py"
+PACKAGE_FILE = dist.ZIP.name  # lake.zip
 CONFIG_FILE = "dl.cfg"
 POLL_SECONDS = 30.0
 STEP_DONE = "COMPLETED"
@@ -57,7 +60,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = _ArgumentParser(prog="emr.py", description="Run etl.py on Amazon EMR.")
-    parser.add_argument("--code", help="S3 prefix for etl.py and dl.cfg (or [EMR] CODE)")
+    parser.add_argument("--code", help="S3 prefix for etl.py, lake.zip and dl.cfg (or [EMR] CODE)")
     parser.add_argument("--input", required=True, help="input root, s3://...")
     parser.add_argument("--output", required=True, help="output root, s3://...")
     parser.add_argument("--config", default=etl.DEFAULT_CONFIG, help="dl.cfg to read [EMR] from and upload")
@@ -105,23 +108,27 @@ def s3_location(uri: str) -> Dict[str, str]:
 
 
 def step(chosen: Dict[str, str], args: argparse.Namespace, on_failure: str) -> dict:
-    """spark-submit in cluster mode: dl.cfg travels with --files and is found in the driver's folder."""
+    """spark-submit in cluster mode: dl.cfg travels with --files and is found in the driver's folder; the
+    package travels with --py-files and is on the driver's (and executors') Python path. S3 is EMRFS's."""
     code = chosen["CODE"]
     return {
         "Name": STEP_NAME,
         "ActionOnFailure": on_failure,
         "HadoopJarStep": {"Jar": "command-runner.jar", "Args": [
-            "spark-submit", "--deploy-mode", "cluster", "--files", f"{code}/{CONFIG_FILE}", f"{code}/{JOB_FILE}",
+            "spark-submit", "--deploy-mode", "cluster", "--files", f"{code}/{CONFIG_FILE}",
+            "--py-files", f"{code}/{PACKAGE_FILE}", f"{code}/{JOB_FILE}",
             "--config", CONFIG_FILE, "--input", args.input, "--output", args.output]},
     }
 
 
-def requests(args: argparse.Namespace, chosen: Dict[str, str], config_text: str) -> List[dict]:
+def requests(args: argparse.Namespace, chosen: Dict[str, str], config_text: str, package: str) -> List[dict]:
     """Every call the launch makes, as {service, operation, params}: boto3's client.<operation>(**params)."""
     code = chosen["CODE"]
     calls = [
         {"service": "s3", "operation": "upload_file",
          "params": {"Filename": os.path.join(etl.HERE, JOB_FILE), **s3_location(f"{code}/{JOB_FILE}")}},
+        {"service": "s3", "operation": "upload_file",
+         "params": {"Filename": package, **s3_location(f"{code}/{PACKAGE_FILE}")}},
         {"service": "s3", "operation": "put_object",
          "params": {**s3_location(f"{code}/{CONFIG_FILE}"), "Body": config_text}},
     ]
@@ -156,7 +163,7 @@ def check_cluster(emr, cluster_id: str) -> None:
     """Before uploading anything: a cluster that is gone or going cannot take the step."""
     try:
         state = emr.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["State"]
-    except emr.exceptions.ClientError as exc:  # AWS: InvalidRequestException; moto: ResourceNotFoundException
+    except emr.exceptions.ClientError as exc:  # AWS (and moto 5.2): InvalidRequestException
         raise LaunchError(f"cannot use cluster {cluster_id}: {exc.response['Error']['Code']}") from None
     if state in CLUSTER_OVER:
         raise LaunchError(f"cluster {cluster_id} is {state}: start a new one (leave out --cluster-id)")
@@ -238,7 +245,11 @@ def launch(argv: Sequence[str]) -> int:
     except etl.EtlError as exc:
         raise LaunchError(str(exc)) from None
     chosen = settings(args, config)
-    calls = requests(args, chosen, blank_secrets(config))
+    try:
+        package = str(dist.build())  # anew: never a zip older than lake/
+    except (dist.Failure, OSError) as exc:
+        raise LaunchError(f"cannot build {dist.ZIP} (`make dist`): {exc}") from None
+    calls = requests(args, chosen, blank_secrets(config), package)
     if args.dry_run:
         print(json.dumps({"region": chosen["REGION"] or None, "requests": calls}, indent=2))
         return 0

@@ -172,12 +172,12 @@ USER_LOCATIONS = [
     "Lake Havasu City-Kingman, AZ", "Red Bluff, CA", "Winston-Salem, NC",
 ]
 USER_AGENTS = [  # some are wrapped in literal quotes in the real export
-    '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_4) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/36.0.1985.143 Safari/537.36"',
+    '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_4) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/36.0.1985.143 Safari/537.36"',  # noqa: E501
     '"Mozilla/5.0 (Windows NT 6.1; WOW64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/35.0.1916.153 Safari/537.36"',
     '"Mozilla/5.0 (Windows NT 6.1; WOW64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/36.0.1985.143 Safari/537.36"',
-    '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_4) AppleWebKit/537.78.2 (KHTML, like Gecko) Version/7.0.6 Safari/537.78.2"',
-    '"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Ubuntu Chromium/36.0.1985.125 Chrome/36.0.1985.125 Safari/537.36"',
-    '"Mozilla/5.0 (iPhone; CPU iPhone OS 7_1_2 like Mac OS X) AppleWebKit/537.51.2 (KHTML, like Gecko) Version/7.0 Mobile/11D257 Safari/9537.53"',
+    '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_4) AppleWebKit/537.78.2 (KHTML, like Gecko) Version/7.0.6 Safari/537.78.2"',  # noqa: E501
+    '"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Ubuntu Chromium/36.0.1985.125 Chrome/36.0.1985.125 Safari/537.36"',  # noqa: E501
+    '"Mozilla/5.0 (iPhone; CPU iPhone OS 7_1_2 like Mac OS X) AppleWebKit/537.51.2 (KHTML, like Gecko) Version/7.0 Mobile/11D257 Safari/9537.53"',  # noqa: E501
     '"Mozilla/5.0 (Windows NT 6.3; WOW64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/36.0.1985.125 Safari/537.36"',
     "Mozilla/5.0 (Windows NT 6.1; WOW64; rv:31.0) Gecko/20100101 Firefox/31.0",
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10.9; rv:31.0) Gecko/20100101 Firefox/31.0",
@@ -263,7 +263,8 @@ def song_title(rng):
     elif pick < 0.70:
         title = f"{rng.choice(NOUNS)} Of {rng.choice(NOUNS)}"
     elif pick < 0.85:
-        title = f"{rng.choice(['I', 'You', 'We', 'She'])} {rng.choice(['Know', 'Need', 'Want', 'Miss', 'Saw'])} {rng.choice(['Your', 'The', 'My'])} {rng.choice(NOUNS)}"
+        title = (f"{rng.choice(['I', 'You', 'We', 'She'])} {rng.choice(['Know', 'Need', 'Want', 'Miss', 'Saw'])} "
+                 f"{rng.choice(['Your', 'The', 'My'])} {rng.choice(NOUNS)}")
     else:
         title = f"{rng.choice(NOUNS)}'s {rng.choice(NOUNS)}"
     if rng.random() < QUOTE_SHARE:
@@ -699,7 +700,8 @@ def parse_args(argv):
     parser.add_argument("--start", type=dt.date.fromisoformat, default=dt.date(2018, 11, 1),
                         help="first day of logs, YYYY-MM-DD (default 2018-11-01)")
     parser.add_argument("--cross-year", action="store_true",
-                        help="move the start to late December of --start's year (Dec 20 for 30 days) so the logs span New Year")
+                        help="move the start to late December of --start's year (Dec 20 for 30 days) "
+                             "so the logs span New Year")
     parser.add_argument("--users", type=int, help=f"known users (default events / {EVENTS_PER_USER}, at least 100)")
     parser.add_argument("--match-share", type=float, default=CATALOGUE_PLAY_SHARE,
                         help="share of NextSong plays that pick a catalogue song")

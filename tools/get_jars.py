@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Resolve the S3A connector and Spark's cloud committer from Maven Central into DEST_DIR.
+"""Resolve the S3A connector and Spark's cloud committer with Spark's own resolver (Ivy) into .ivy2/.
 
-Usage: python tools/get_jars.py DEST_DIR        (run by `make setup`, in the project venv)
+Usage: python tools/get_jars.py [IVY_DIR]       (run by `make setup`, in the project venv; default .ivy2)
+       python tools/get_jars.py --jars          (prints the resolved jar files, comma-separated, for --jars)
        python tools/get_jars.py --coordinates   (prints the Maven coordinates, for --packages)
 
 What a Spark user with internet would add to pyspark, at exactly the versions pyspark ships with:
@@ -9,35 +10,45 @@ What a Spark user with internet would add to pyspark, at exactly the versions py
   SDK bundle (and other runtime dependencies) that hadoop-aws declares;
 - org.apache.spark:spark-hadoop-cloud_<scala> at pyspark's own version, without its dependencies: they
   are Hadoop's connectors for other clouds, and Hadoop's client, which pyspark already has.
-Both versions are read from the installed pyspark, never written down. Maven resolves them (its local
-repository is .maven/ in the project) and copies the jars into DEST_DIR; the job then needs no network.
+Both versions are read from the installed pyspark, never written down. A local Spark session resolves
+them from Maven Central as Spark's `ADD JAR ivy://...` does (spark-hadoop-cloud with `?transitive=false`,
+which --packages cannot say), its Ivy cache and the retrieved jars in IVY_DIR (spark.jars.ivy). The jars
+are listed in IVY_DIR/sparkify-jars.txt; spark-submit then gets them with --jars and needs no network.
 
-* Idempotent: does nothing if DEST_DIR already holds every jar of the current resolution.
+* Idempotent: does nothing if IVY_DIR already holds every jar of the current resolution.
 * A failed download is one line naming the artifact, and exit 1.
-Standard library only (Python 3.9+).
+Standard library only (Python 3.9+), and pyspark (in a child process, for the resolution).
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL_REPOSITORY = ROOT / ".maven"
-MANIFEST = "maven-jars.txt"  # the jars this resolution put in DEST_DIR, one per line
-POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>sparkify</groupId><artifactId>sparkify-jars</artifactId><version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency><groupId>{aws[0]}</groupId><artifactId>{aws[1]}</artifactId><version>{aws[2]}</version></dependency>
-    <dependency><groupId>{cloud[0]}</groupId><artifactId>{cloud[1]}</artifactId><version>{cloud[2]}</version>
-      <exclusions><exclusion><groupId>*</groupId><artifactId>*</artifactId></exclusion></exclusions>
-    </dependency>
-  </dependencies>
-</project>
+IVY_DIR = ROOT / ".ivy2"
+MANIFEST = "sparkify-jars.txt"  # the jars this resolution put in IVY_DIR/jars, one per line
+# Spark's JVM here lives a minute at most: C1 alone is enough (tests/conftest.py says why).
+C1_ONLY = "-XX:TieredStopAtLevel=1"
+# Run in a child process, whose output (Ivy's report, Spark's start-up lines) is kept for a failure's line.
+# SparkContext.addJar resolves an ivy:// URI with Spark's Ivy settings into spark.jars.ivy, retrieves the
+# jars into its jars/ folder, and lists each one it added under its file name.
+RESOLVE = """
+import sys
+from pyspark.sql import SparkSession
+
+ivy_dir, uris = sys.argv[1], sys.argv[2:]
+spark = (SparkSession.builder.master("local[1]").appName("get_jars").config("spark.jars.ivy", ivy_dir)
+         .config("spark.ui.enabled", "false").getOrCreate())
+try:
+    context = spark.sparkContext._jsc.sc()
+    for uri in uris:
+        context.addJar(uri)
+    added = context.listJars()
+    for i in range(added.size()):
+        print("resolved-jar", added.apply(i).rsplit("/", 1)[-1], flush=True)
+finally:
+    spark.stop()
 """
 
 
@@ -71,58 +82,81 @@ def coordinates():
     return ("org.apache.hadoop", "hadoop-aws", hadoop), ("org.apache.spark", f"spark-hadoop-cloud_{scala}", spark)
 
 
-def resolve(aws, cloud, dest: Path) -> None:
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise Failure("Maven (mvn) not found; install it (Debian: apt-get install maven)")
-    with tempfile.TemporaryDirectory(prefix="sparkify-jars-") as tmp:
-        Path(tmp, "pom.xml").write_text(POM.format(aws=aws, cloud=cloud))
-        out = Path(tmp, "jars")
-        command = [mvn, "-B", "-q", "-f", str(Path(tmp, "pom.xml")), f"-Dmaven.repo.local={LOCAL_REPOSITORY}",
-                   "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={out}"]
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
-        if proc.returncode != 0:
-            raise Failure(download_error(proc.stdout, aws, cloud))
-        jars = sorted(out.glob("*.jar"))
-        dest.mkdir(parents=True, exist_ok=True)
-        for jar in jars:
-            # Copy then rename: a crash never leaves a truncated jar that looks complete.
-            shutil.copyfile(jar, dest / (jar.name + ".part"))
-            os.replace(dest / (jar.name + ".part"), dest / jar.name)
-    (dest / MANIFEST).write_text("".join(f"{jar.name}\n" for jar in jars))
+def ivy_file_name(coordinate) -> str:
+    """The name Spark's Ivy retrieval gives an artifact's jar: [organisation]_[artifact]-[revision].jar."""
+    return "{}_{}-{}.jar".format(*coordinate)
+
+
+def resolve(aws, cloud, ivy_dir: Path) -> list:
+    """Resolves both with Spark's Ivy; returns the file names of the jars retrieved into ivy_dir/jars."""
+    uris = [f"ivy://{':'.join(aws)}", f"ivy://{':'.join(cloud)}?transitive=false"]
+    env = {**os.environ, "SPARK_SUBMIT_OPTS": os.environ.get("SPARK_SUBMIT_OPTS", C1_ONLY)}
+    proc = subprocess.run([sys.executable, "-c", RESOLVE, str(ivy_dir), *uris], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, env=env, cwd=str(ivy_dir.parent))
+    names = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("resolved-jar ")]
+    if proc.returncode != 0 or not names:
+        raise Failure(download_error(proc.stdout, aws, cloud))
+    missing = [name for name in names if not (ivy_dir / "jars" / name).is_file()]
+    if missing:
+        raise Failure(f"Spark resolved {', '.join(missing)} but left no such file in {ivy_dir / 'jars'}")
+    return names
 
 
 def download_error(output: str, *wanted) -> str:
-    """Maven's many lines, cut to one that names what could not be had."""
+    """Ivy's and Spark's many lines, cut to one that names what could not be had."""
     names = [":".join(c) for c in wanted]
-    failing = [name for name in names if name.split(":")[1] in output and name.split(":")[2] in output]
-    what = " and ".join(failing or names)
-    reason = next((line.strip() for line in output.splitlines() if "[ERROR]" in line), "no output from mvn")
+    unresolved = re.findall(r"unresolved dependency: ([^#\s]+)#([^;\s]+);([^:\s\]]+)", output)
+    failing = [":".join(found) for found in unresolved]
+    what = " and ".join(sorted(set(failing), key=failing.index) or names)
+    lines = [line.strip(" \t:") for line in output.splitlines() if line.strip(" \t:")]
+    reason = next((line for marker in ("unresolved dependency", "Exception", "Error") for line in lines
+                   if marker in line), lines[-1] if lines else "no output from Spark")
     return f"cannot download {what} from Maven Central ({reason[:300]})"
 
 
-def up_to_date(dest: Path, aws, cloud) -> bool:
-    manifest = dest / MANIFEST
-    if not manifest.is_file():
+def manifest_names(ivy_dir: Path = IVY_DIR) -> list:
+    path = ivy_dir / MANIFEST
+    if not path.is_file():
+        raise Failure(f"{path} not found: run `make setup`")
+    return path.read_text().split()
+
+
+def jar_paths(ivy_dir: Path = IVY_DIR) -> list:
+    """The jars `make setup` resolved, as paths: what spark-submit's --jars takes (comma-separated)."""
+    return [str(ivy_dir / "jars" / name) for name in manifest_names(ivy_dir)]
+
+
+def up_to_date(ivy_dir: Path, aws, cloud) -> bool:
+    try:
+        names = manifest_names(ivy_dir)
+    except Failure:
         return False
-    names = manifest.read_text().split()
-    wanted = {f"{a}-{v}.jar" for _, a, v in (aws, cloud)}
-    return wanted <= set(names) and all((dest / name).is_file() for name in names)
+    wanted = {ivy_file_name(aws), ivy_file_name(cloud)}
+    return wanted <= set(names) and all((ivy_dir / "jars" / name).is_file() for name in names)
 
 
 def main(argv) -> int:
+    if argv[1:] == ["--jars"]:
+        print(",".join(jar_paths()))
+        return 0
     aws, cloud = coordinates()
     if argv[1:] == ["--coordinates"]:
         print(",".join(":".join(c) for c in (aws, cloud)))
         return 0
-    if len(argv) != 2:
-        raise Failure("usage: get_jars.py DEST_DIR | --coordinates")
-    dest = Path(argv[1]).resolve()
-    if up_to_date(dest, aws, cloud):
-        print(f"get_jars: {dest} is up to date")
+    if len(argv) > 2 or argv[1:2] and argv[1].startswith("-"):
+        raise Failure("usage: get_jars.py [IVY_DIR] | --jars | --coordinates")
+    ivy_dir = Path(argv[1]).resolve() if len(argv) == 2 else IVY_DIR
+    if up_to_date(ivy_dir, aws, cloud):
+        print(f"get_jars: {ivy_dir} is up to date")
         return 0
-    resolve(aws, cloud, dest)
-    print(f"get_jars: {', '.join(':'.join(c) for c in (aws, cloud))} and their runtime dependencies in {dest}")
+    ivy_dir.mkdir(parents=True, exist_ok=True)
+    names = resolve(aws, cloud, ivy_dir)
+    # Written last, whole, then renamed: a crash never leaves a manifest naming jars that are not there.
+    partial = ivy_dir / (MANIFEST + ".part")
+    partial.write_text("".join(f"{name}\n" for name in names))
+    os.replace(partial, ivy_dir / MANIFEST)
+    print(f"get_jars: {', '.join(':'.join(c) for c in (aws, cloud))} (the first with its runtime dependencies) "
+          f"in {ivy_dir / 'jars'}: {', '.join(names)}")
     return 0
 
 
