@@ -1202,12 +1202,13 @@ def figures_of(document: Mapping[str, object]) -> Dict[str, object]:
 
 def last_successful_run(store: Store, output_root: str) -> Optional[dict]:
     """The report of the newest run that succeeded, from <output>/_runs/ (run ids start with their UTC
-    time, so names sort in time order), or None."""
+    time, so names sort in time order), or None. A run that found nothing new built nothing and measured
+    nothing: it is passed over."""
     folder = join(output_root, RUNS_DIR)
     names = sorted((key for key in store.keys(folder) if "/" not in key and key.endswith(".json")), reverse=True)
     for name in names:
         document = store.read_json(join(folder, name))
-        if document and document.get("status") == SUCCEEDED:
+        if document and document.get("status") == SUCCEEDED and not (document.get("intake") or {}).get(NOTHING_NEW):
             return document
     return None
 
@@ -1502,6 +1503,7 @@ def require_staged_data(store: Store, writes: Sequence[Write], run_id: str) -> N
 # --------------------------------------------------------------------------- the run
 
 FULL, INCREMENTAL = "full", "incremental"
+NOTHING_NEW = "nothing_new"  # in the report's intake: the run ended after listing
 # A daily run broadcasts the keys its fresh and dead records touch, up to this many records; beyond, Spark
 # plans the joins itself.
 BROADCAST_RECORDS = 2_000_000
@@ -1748,7 +1750,7 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
         return end_report(store, report, roots, 1, lock)
     if report.intake["mode"] == INCREMENTAL and not any(intake.touched for intake in intakes.values()):
         LOG.info("nothing new since run %s: every table stays as it was published", report.intake["previous_run"])
-        report.status = "succeeded"
+        report.status, report.intake[NOTHING_NEW] = "succeeded", True
         return end_report(store, report, roots, catalog_step(settings, plan, report), lock)
     LOG.info("%s build: %s", report.intake["mode"],
              report.intake["why_full"] or "from the lake's state and the files added, changed or removed")

@@ -20,8 +20,10 @@ from lake.intake import MANIFEST_FILE, MANIFEST_UNIT
 from lake.report import REPORT_NAME
 from lake.stores import STAGING_DIR
 from lake.tables import SPECS
-from conftest import ROOT
+from conftest import ROOT, SAMPLE, py_files, s3_jars
 from test_crash import kill, start, wait_for_pause
+from test_s3 import CREDENTIALS as S3_CREDENTIALS
+from test_s3 import download, spark_submit
 
 DAY_MS = 86_400_000
 NOV_1 = 1_541_030_400_000  # 2018-11-01T00:00:00Z
@@ -267,3 +269,71 @@ def test_five_daily_runs_in_a_row_equal_full_builds(spark, run_etl, generated, t
         assert report["input"]["log_files"] == 1
         assert report["input"]["song_files"] == shares[day - 2] - shares[day - 3]
         assert_full_build(spark, out, root)
+
+
+# --------------------------------------------------------------------------- S3, under python etl.py and spark-submit
+
+HELD_BACK_SONGS = 5  # of the sample's song files, delivered with its last day
+
+
+@pytest.fixture(scope="module")
+def s3_daily(s3_endpoint):
+    """The sample in a bucket without its last day and a few song files; put(bucket) delivers them."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id="setup", aws_secret_access_key="setup")
+    songs = sorted(SAMPLE.glob("song_data/**/*.json"))
+    days = sorted(SAMPLE.glob("log_data/**/*.json"))
+    later = set(songs[-HELD_BACK_SONGS:] + days[-1:])
+
+    def put(bucket, paths):
+        for path in paths:
+            client.upload_file(str(path), bucket, path.relative_to(SAMPLE).as_posix())
+
+    for bucket in ("daily-python", "daily-submit", "daily-lake"):
+        client.create_bucket(Bucket=bucket)
+        if bucket != "daily-lake":
+            put(bucket, [path for path in songs + days if path not in later])
+    return client, lambda bucket: put(bucket, sorted(later))
+
+
+def assert_s3_daily_run(spark, client, deliver, bucket, run, tmp_path):
+    """A full build on S3, the last day and a few songs delivered, a daily run: the tables equal a full build
+    of the whole sample."""
+    lake = f"s3://daily-lake/{bucket}"
+    first = run("--input", f"s3://{bucket}", "--output", lake)
+    assert first.returncode == 0, first.stderr[-3000:]
+    deliver(bucket)
+    daily = run("--input", f"s3://{bucket}", "--output", lake)
+    assert daily.returncode == 0, daily.stderr[-3000:]
+    local = download(client, "daily-lake", f"{bucket}/", tmp_path / "lake")
+    report = report_of(local)
+    assert report["intake"]["mode"] == "incremental"
+    assert report["intake"]["files"]["log_data"]["added"] == 1
+    assert report["input"] == {"song_files": HELD_BACK_SONGS, "song_records": HELD_BACK_SONGS, "log_files": 1,
+                               "log_events": report["input"]["log_events"]}
+    assert_full_build(spark, local, SAMPLE)
+    return report
+
+
+def test_a_daily_run_on_s3_under_python_etl_py(spark, run_etl, s3_endpoint, s3_daily, tmp_path):
+    client, deliver = s3_daily
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    report = assert_s3_daily_run(spark, client, deliver, "daily-python",
+                                 lambda *args: run_etl(*args, env=env), tmp_path)
+    assert report["intake"]["state_files_fetched"] > 0  # Spark here reads the state from a local copy
+
+
+def test_a_daily_run_on_s3_under_spark_submit(spark, empty_config, s3_endpoint, s3_daily, tmp_path):
+    client, deliver = s3_daily
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+
+    def run(*args):
+        result = spark_submit("--jars", ",".join(s3_jars()), *py_files(), etl.__file__, "--config", empty_config,
+                              *args, env=env)
+        result.stderr = result.output
+        return result
+
+    report = assert_s3_daily_run(spark, client, deliver, "daily-submit", run, tmp_path)
+    assert "state_files_fetched" not in report["intake"]  # Spark reads the state through S3A
