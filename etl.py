@@ -1330,7 +1330,7 @@ def write_table(table: DataFrame, path: str, partition_by: Sequence[str]) -> Non
     writer.parquet(path)
 
 
-TABLE, RECORDS, REJECTS = "table", "records", "rejects"
+AS_TABLE, AS_RECORDS, AS_JSON = "table", "records", "rejects"
 WRITE_STATE = "write state"
 REJECTS_SCHEMA = f"{SOURCE_FILE} string, {REASON} string, line string"
 
@@ -1341,7 +1341,7 @@ class Write:
     unit: Unit
     frame: Optional[DataFrame]  # None: nothing to write (a table a daily run leaves as it is)
     partition_by: Tuple[str, ...] = ()
-    kind: str = TABLE  # TABLE: write_table; RECORDS: a state segment, as Spark's tasks hold it; REJECTS: JSON
+    kind: str = AS_TABLE  # AS_TABLE: write_table; AS_RECORDS: a state segment as Spark holds it; AS_JSON: rejects
     label: Optional[str] = None  # the phase (and pause point) it is written in, if any
 
 
@@ -1365,9 +1365,9 @@ def stage(writes: Sequence[Write], report: RunReport, store: Store, spool: Optio
     def write(item: Write) -> None:
         if item.frame is None:
             return
-        if item.kind == REJECTS:  # rejects are few; one file per tree is easiest to inspect
+        if item.kind == AS_JSON:  # rejects are few; one file per tree is easiest to inspect
             item.frame.coalesce(1).write.mode("overwrite").json(target(item.unit))
-        elif item.kind == RECORDS:
+        elif item.kind == AS_RECORDS:
             item.frame.write.mode("overwrite").parquet(target(item.unit))
         else:
             write_table(item.frame, target(item.unit), item.partition_by)
@@ -1407,7 +1407,7 @@ def reject_writes(spark: SparkSession, copy: LakeCopy, settings: Settings, intak
             if not intakes[tree].touched:
                 continue
             frame = frame.unionByName(kept_rejects(spark, copy, settings, intakes[tree]))
-        writes.append(Write(Unit(settings.rejected_root, tree), frame, kind=REJECTS))
+        writes.append(Write(Unit(settings.rejected_root, tree), frame, kind=AS_JSON))
     return writes
 
 
@@ -1429,7 +1429,7 @@ def state_unit(settings: Settings, name: str, drop: bool = False) -> Unit:
 def full_output(settings: Settings, run_id: str, tables: Mapping[str, DataFrame], clean: Mapping[str, DataFrame],
                 plays: DataFrame, latest: DataFrame) -> Tuple[List[Write], List[Unit]]:
     """A full build: every table whole, and the state whole (one unit: _state)."""
-    writes = [Write(state_unit(settings, f"{tree}/{run_id}"), clean[tree], kind=RECORDS, label=WRITE_STATE)
+    writes = [Write(state_unit(settings, f"{tree}/{run_id}"), clean[tree], kind=AS_RECORDS, label=WRITE_STATE)
               for tree in (SONG_DATA, LOG_DATA)]
     writes += [Write(state_unit(settings, PLAYS_STATE), plays, PLAYS_PARTITION_BY, label=WRITE_STATE),
                Write(state_unit(settings, USERS_STATE), latest, label=WRITE_STATE)]
@@ -1446,7 +1446,7 @@ def increment_output(settings: Settings, run_id: str, increment: Increment, inta
     state: List[Unit] = []
     for tree, segment in increment.segments.items():
         unit = state_unit(settings, f"{tree}/{run_id}")
-        writes.append(Write(unit, segment, kind=RECORDS, label=WRITE_STATE))
+        writes.append(Write(unit, segment, kind=AS_RECORDS, label=WRITE_STATE))
         state += [unit] + [state_unit(settings, f"{tree}/{name}", drop=True) for name in intakes[tree].dirty]
     contents = [(change, in_partitions(change.table, change.partition_by, change.touched))
                 for change in increment.changes if change.touched]
@@ -1495,7 +1495,7 @@ def require_staged_data(store: Store, writes: Sequence[Write], run_id: str) -> N
     """The gate saw rows in every table; a staged table without a data file means a committer lost them
     (say, a staging committer on a cluster without a shared file system). Never publish that."""
     for item in writes:
-        if item.frame is not None and item.kind == TABLE and item.unit.name in TABLES \
+        if item.frame is not None and item.kind == AS_TABLE and item.unit.name in TABLES \
                 and not store.has_data(item.unit.staged(run_id)):
             raise EtlError(f"the write of {item.unit.name} left no data file in staging, though it has rows")
 
