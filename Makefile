@@ -16,7 +16,7 @@ DIST   := dist/lake.zip
 # Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 
-.PHONY: setup strace run submit emr dist lint check test bench bench-s3 clean
+.PHONY: setup strace run submit emr dist lint check test bench bench-s3 bench-daily clean
 
 setup: $(STAMP) $(JARS_MANIFEST) strace
 
@@ -80,3 +80,8 @@ bench: setup
 # own floor and the naive baseline (capped). Writes bench/results-s3.json.
 bench-s3: setup
 	$(PY) tools/bench_s3.py
+
+# Not part of `make test`: a tier-2-sized lake (100,000 song files, 60 days) and one new day, the daily run
+# against a fresh full build and DuckDB's, side by side. Writes bench/results-daily.json.
+bench-daily: setup
+	$(PY) tools/bench_daily.py

@@ -21,7 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pyspark
 import pyspark.sql.functions as F
@@ -31,10 +31,26 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from lake.aws import AwsSettings
 from lake.catalog import DATABASE_PATTERN, register_catalog
 from lake.errors import EtlError, one_line
+from lake.intake import (
+    MANIFEST_FILE,
+    MANIFEST_UNIT,
+    PLAYS_STATE,
+    STATE_DIR,
+    STATE_VERSION,
+    USERS_STATE,
+    InputFile,
+    TreeIntake,
+    compare,
+    load_manifest,
+    new_manifest,
+    partition_units,
+    rejects_location,
+    why_full,
+)
 from lake.lock import Lock
 from lake.paths import join, normalize_root
 from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
-from lake.publish import PublishCutShort, open_staging, pause_point, publish, recover
+from lake.publish import PublishCutShort, open_staging, pause_point, publish, published_folders, recover
 from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
 from lake.stores import Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
@@ -88,6 +104,7 @@ class Settings:
     partition_by: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: dict(PARTITION_BY))
     catalog_database: Optional[str] = None  # [CATALOG] DATABASE; None: the tables are not registered
     quality: QualitySettings = field(default_factory=QualitySettings)
+    full: bool = False  # --full: build from nothing, even where the output holds a lake this job built
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -100,6 +117,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--config", help=f"settings file (default: {DEFAULT_CONFIG} if it exists)")
     parser.add_argument("--input", help="input root holding song_data/ and log_data/ (local folder or s3:// prefix)")
     parser.add_argument("--output", help="output root for the five tables (local folder or s3:// prefix)")
+    parser.add_argument("--full", action="store_true",
+                        help="rebuild every table from all input, not only from what is new since the last run")
     return parser.parse_args(argv)
 
 
@@ -143,7 +162,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     return Settings(input_root, output_root, rejected_root, resolve_aws(config.get("AWS", {}), environ),
                     resolve_layout(config.get("LAYOUT", {}), config_path),
                     resolve_catalog(config.get("CATALOG", {}), config_path),
-                    resolve_quality(config.get("QUALITY", {}), config_path))
+                    resolve_quality(config.get("QUALITY", {}), config_path), bool(getattr(args, "full", False)))
 
 
 def resolve_quality(config: Mapping[str, str], config_path: Optional[str]) -> QualitySettings:
@@ -213,6 +232,8 @@ S3_READ_IN_FLIGHT = 32
 FETCH_WINDOW_BYTES = 32 * 1024 * 1024  # fetched content held at once per task: bounded memory
 FETCH_WINDOW_FILES = 1000
 URI_PATH_SAFE = "/!$&'()*+,;=:@~-._"  # what java.net.URI leaves as it is in a path
+# Files of a tree that Spark's own readers are given one by one; more are read as the folder.
+EXPLICIT_PATHS = 1000
 # The run report's names for each tree's file and record counts.
 REPORT_INPUT_KEYS = {SONG_DATA: ("song_files", "song_records"), LOG_DATA: ("log_files", "log_events")}
 
@@ -287,7 +308,8 @@ def _with_corrupt_record(schema: T.StructType) -> T.StructType:
     return T.StructType(schema.fields + [T.StructField(CORRUPT_RECORD, T.StringType())])
 
 
-def read_json(spark: SparkSession, path: str, schema: T.StructType, small_files: bool = False) -> DataFrame:
+def read_json(spark: SparkSession, path: Union[str, List[str]], schema: T.StructType,
+              small_files: bool = False) -> DataFrame:
     """Every *.json below path, one record per non-blank line, as parse_lines gives them.
 
     small_files reads each file whole: for thousands of one-line files this is 2-3x faster than the line
@@ -367,11 +389,19 @@ def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
 
 
 def as_uri(path: str) -> str:
-    """A path as Hadoop's URI form spells it (a space is %20), as Spark's _metadata.file_path gives it."""
+    """A path as Hadoop's URI form spells it (a space is %20), as Spark's _metadata.file_path gives it:
+    ASCII that java.net.URI does not allow in a path is escaped; other characters are kept, but for spaces
+    and control characters."""
+    import unicodedata
     from urllib.parse import quote
 
-    scheme, rest = path.split("://", 1)
-    return f"{scheme}://{quote(rest, safe=URI_PATH_SAFE)}"
+    def spelt(char: str) -> str:
+        if char.isascii():
+            return char if char.isalnum() or char in URI_PATH_SAFE else quote(char, safe="")
+        return quote(char, safe="") if unicodedata.category(char) in ("Zs", "Zl", "Zp", "Cc") else char
+
+    scheme, separator, rest = path.partition("://") if "://" in path else path.partition(":")
+    return f"{scheme}{separator}{''.join(map(spelt, rest))}"
 
 
 def fetch_s3_files(client: Mapping[str, object], in_flight: int) -> Callable:
@@ -436,18 +466,44 @@ def read_listed(spark: SparkSession, files: Sequence[Tuple[str, str, int]], sche
 def read_input(spark: SparkSession, plan: RunPlan, input_root: str, tree: str) -> Tuple[DataFrame, int]:
     """One input tree and its file count: listed by the driver and fetched in the plan where the plan says
     so, else by Spark's own readers."""
-    folder, songs = join(input_root, tree), tree == SONG_DATA
-    schema = SONG_SCHEMA if songs else LOG_SCHEMA
     if tree not in plan.listed_trees:
-        raw = read_json(spark, folder, schema, small_files=songs)
+        raw = read_json(spark, join(input_root, tree), SONG_SCHEMA if tree == SONG_DATA else LOG_SCHEMA,
+                        small_files=tree == SONG_DATA)
         return raw, len(raw.inputFiles())
-    in_flight = int(spark.sparkContext.getConf().get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
-    client = plan.input_store.task_client(in_flight)
-    fetch = fetch_s3_files(client, in_flight) if client else fetch_local_files
-    # The same source_file strings as Spark's readers: binaryFile (songs) gives the path as it is, the line
-    # reader's _metadata.file_path (logs) its URI form.
-    files = [(name if songs else as_uri(name), path, size) for name, path, size in plan.input_store.list_input(folder)]
-    return read_listed(spark, files, schema, fetch), len(files)
+    files = list_tree(plan, input_root, tree)
+    return read_files(spark, plan, input_root, tree, files, whole=True), len(files)
+
+
+def list_tree(plan: RunPlan, input_root: str, tree: str) -> List[InputFile]:
+    """One flat listing of a tree, with each file's version. Each file is named as the records read from it
+    will carry it, whichever reader reads it: binaryFile (songs) gives the path as it is, the line reader's
+    _metadata.file_path (logs) its URI form."""
+    songs = tree == SONG_DATA
+    return [InputFile(name if songs else as_uri(name), name, location, size, version)
+            for name, location, size, version in plan.input_store.list_input(join(input_root, tree))]
+
+
+def read_files(spark: SparkSession, plan: RunPlan, input_root: str, tree: str, files: Sequence[InputFile],
+               whole: bool) -> DataFrame:
+    """The listed files of one tree, parsed (read_json's columns): fetched in the plan where the plan lists
+    the tree, else by Spark's readers. whole: the files are the whole tree, which Spark's readers then read
+    as a folder (on EMR, 100,000 song paths would each be checked), keeping only the listed files, so that
+    a file arriving during the run is left for the next run, as the state says."""
+    songs = tree == SONG_DATA
+    schema = SONG_SCHEMA if songs else LOG_SCHEMA
+    if not files:  # parsed lines of no line: the columns read_json gives
+        return parse_lines(spark.createDataFrame([], f"{SOURCE_FILE} string, {PIECE} string, {PIECE_IS_TEXT} boolean"),
+                           schema)
+    if tree in plan.listed_trees:
+        in_flight = int(spark.sparkContext.getConf().get(S3_READ_IN_FLIGHT_CONF, str(S3_READ_IN_FLIGHT)))
+        client = plan.input_store.task_client(in_flight)
+        fetch = fetch_s3_files(client, in_flight) if client else fetch_local_files
+        return read_listed(spark, [(f.source_file, f.location, f.size) for f in files], schema, fetch)
+    if whole and len(files) > EXPLICIT_PATHS:
+        listed = spark.createDataFrame([(f.source_file,) for f in files], f"{SOURCE_FILE} string")
+        raw = read_json(spark, join(input_root, tree), schema, small_files=songs)
+        return raw.join(F.broadcast(listed), on=SOURCE_FILE, how="left_semi")
+    return read_json(spark, [f.path for f in files], schema, small_files=songs)
 
 
 def read_song_data(spark: SparkSession, input_root: str) -> DataFrame:
@@ -553,6 +609,16 @@ FLOAT_SLACK = 1e-9
 # An event's identity: a redelivered event repeats all four.
 EVENT_KEY = ("user_id", "sessionId", "itemInSession", "ts")
 SONGPLAY_ID_HEX_CHARS = 32  # 128 bits of SHA-256: collisions are not a concern
+# What a play keeps of its event; a redelivered event's copies may differ in these.
+PLAY_ATTRIBUTES = ("level", "song", "artist", "length", "location", "userAgent")
+# What a user's row comes from, in the order that picks the latest event.
+USER_LATEST = ("ts", "itemInSession", "level", "firstName", "lastName", "gender")
+# The plays state (lake.intake): songplays before their final select, partitioned by year and month.
+PLAYS_COLUMNS = (("songplay_id", "string"), ("user_id", "bigint"), ("sessionId", "bigint"),
+                 ("itemInSession", "int"), ("ts", "bigint"), ("level", "string"), ("song", "string"),
+                 ("artist", "string"), ("length", "double"), ("location", "string"), ("userAgent", "string"),
+                 ("song_id", "string"), ("artist_id", "string"), ("year", "int"), ("month", "int"))
+PLAYS_PARTITION_BY = ("year", "month")
 USER_ID_PATTERN = r"^[0-9]{1,18}$"  # 18 digits always fit in a long
 
 
@@ -614,49 +680,75 @@ def build_artists(songs: DataFrame) -> DataFrame:
     )
 
 
-def build_users(events: DataFrame) -> DataFrame:
+def user_versions(events: DataFrame) -> DataFrame:
+    """What each event of a known user says of the user: (user_id, *USER_LATEST)."""
+    return known_user_events(events).select("user_id", *USER_LATEST)
+
+
+def latest_per_user(versions: DataFrame) -> DataFrame:
+    """Each user's latest version: the users table's pre-image, which the lake's state keeps. max() is
+    associative, so yesterday's latest and today's versions give the latest of all days."""
     # Struct order is the rule: latest ts, then latest itemInSession; the rest only breaks exact ties.
-    latest = F.max(F.struct("ts", "itemInSession", "level", "firstName", "lastName", "gender")).alias("latest")
-    return conform(
-        known_user_events(events).groupBy("user_id").agg(latest), USERS,
-        first_name=F.col("latest.firstName"),
-        last_name=F.col("latest.lastName"),
-        gender=F.col("latest.gender"),
-        level=F.col("latest.level"),
-    )
+    latest = F.max(F.struct(*USER_LATEST)).alias("latest")
+    return versions.groupBy("user_id").agg(latest).select("user_id", "latest.*")
 
 
-def next_song_plays(events: DataFrame) -> DataFrame:
-    """One row per distinct NextSong event of a known user, with its deterministic songplay_id."""
-    attributes = ["level", "song", "artist", "length", "location", "userAgent"]
-    # A redelivered event is one play; max() picks the same copy on every run if copies differ.
-    one_copy = F.max(F.struct(*attributes)).alias("event")
+def users_from_latest(latest: DataFrame) -> DataFrame:
+    return conform(latest, USERS, first_name=F.col("firstName"), last_name=F.col("lastName"))
+
+
+def build_users(events: DataFrame) -> DataFrame:
+    return users_from_latest(latest_per_user(user_versions(events)))
+
+
+def play_copies(events: DataFrame) -> DataFrame:
+    """Every copy of a NextSong event of a known user: (*EVENT_KEY, *PLAY_ATTRIBUTES)."""
+    return known_user_events(events).filter(F.col("page") == NEXT_SONG).select(*EVENT_KEY, *PLAY_ATTRIBUTES)
+
+
+def dedupe_plays(copies: DataFrame) -> DataFrame:
+    """One row per event key, with its deterministic songplay_id."""
+    # A redelivered event is one play; max() picks the same copy on every run if copies differ, and, being
+    # associative, the same copy whether the copies arrive on one day or on several.
+    one_copy = F.max(F.struct(*PLAY_ATTRIBUTES)).alias("event")
     songplay_id = F.sha2(F.to_json(F.struct(*EVENT_KEY)), 256).substr(1, SONGPLAY_ID_HEX_CHARS)
     return (
-        known_user_events(events).filter(F.col("page") == NEXT_SONG)
-        .groupBy(*EVENT_KEY).agg(one_copy)
+        copies.groupBy(*EVENT_KEY).agg(one_copy)
         .select(*EVENT_KEY, "event.*")
         .withColumn("songplay_id", songplay_id)
     )
 
 
-def match_songs(plays: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
-    """Each play with the song_id and artist_id of the song its title, artist name and duration fit, or nulls."""
-    catalogue = songs.join(artists, on="artist_id", how="inner").select(
+def next_song_plays(events: DataFrame) -> DataFrame:
+    """One row per distinct NextSong event of a known user, with its deterministic songplay_id."""
+    return dedupe_plays(play_copies(events))
+
+
+def catalogue(songs: DataFrame, artists: DataFrame) -> DataFrame:
+    """What a play is matched against: one row per song that has an artist, keyed by song_id."""
+    return songs.join(artists, on="artist_id", how="inner").select(
         F.col("song_id"), F.col("artist_id"), F.col("title"), F.col("name").alias("artist_name"), F.col("duration"),
     )
-    fits = (
-        (F.col("p.song") == F.col("c.title"))
-        & (F.col("p.artist") == F.col("c.artist_name"))
-        & (F.abs(F.col("p.length") - F.col("c.duration")) <= DURATION_TOLERANCE_S + FLOAT_SLACK)
+
+
+def fits_song(play: str, song: str) -> Column:
+    """The contract's match, between a play aliased play and a catalogue row aliased song."""
+    return (
+        (F.col(f"{play}.song") == F.col(f"{song}.title"))
+        & (F.col(f"{play}.artist") == F.col(f"{song}.artist_name"))
+        & (F.abs(F.col(f"{play}.length") - F.col(f"{song}.duration")) <= DURATION_TOLERANCE_S + FLOAT_SLACK)
     )
+
+
+def match_songs(plays: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
+    """Each play with the song_id and artist_id of the song its title, artist name and duration fit, or nulls."""
     # Several fitting songs: the smallest song_id wins, so the match is the same on every run.
     best = F.min(F.struct(F.col("c.song_id").alias("song_id"), F.col("c.artist_id").alias("artist_id")))
     # Plays come grouped and sorted by their event key: grouping by it again after a broadcast join needs no
     # second shuffle or sort of the plays. A play's own columns are the same on each of its joined rows.
     play = F.struct(*[F.col(f"p.{name}").alias(name) for name in plays.columns if name not in EVENT_KEY])
     return (
-        plays.alias("p").join(F.broadcast(catalogue.alias("c")), on=fits, how="left")
+        plays.alias("p").join(F.broadcast(catalogue(songs, artists).alias("c")), on=fits_song("p", "c"), how="left")
         .groupBy(*[F.col(f"p.{name}").alias(name) for name in EVENT_KEY])
         .agg(F.max(play).alias("play"), best.alias("match"))
         .select(*EVENT_KEY, "play.*", F.col("match.song_id").alias("song_id"),
@@ -664,16 +756,30 @@ def match_songs(plays: DataFrame, songs: DataFrame, artists: DataFrame) -> DataF
     )
 
 
-def build_songplays(events: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
+def conform_plays(matched: DataFrame) -> DataFrame:
+    """Matched plays in the plays state's columns and types, with the year and month of their start."""
     start_time = F.timestamp_millis(F.col("ts"))
+    columns = {"year": F.year(start_time), "month": F.month(start_time)}
+    return matched.select(*[columns.get(name, F.col(name)).cast(kind).alias(name) for name, kind in PLAYS_COLUMNS])
+
+
+def build_plays(events: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
+    """The songplays table's pre-image: each play with what a later song file needs to rematch it."""
+    return conform_plays(match_songs(next_song_plays(events), songs, artists))
+
+
+def songplays_from_plays(plays: DataFrame) -> DataFrame:
+    # year and month are the plays' own: the same values, and a filter on them prunes the state's folders.
     return conform(
-        match_songs(next_song_plays(events), songs, artists), SONGPLAYS,
-        start_time=start_time,
+        plays, SONGPLAYS,
+        start_time=F.timestamp_millis(F.col("ts")),
         session_id=F.col("sessionId"),
         user_agent=F.col("userAgent"),
-        year=F.year(start_time),
-        month=F.month(start_time),
     )
+
+
+def build_songplays(events: DataFrame, songs: DataFrame, artists: DataFrame) -> DataFrame:
+    return songplays_from_plays(build_plays(events, songs, artists))
 
 
 def build_time(songplays: DataFrame) -> DataFrame:
@@ -694,11 +800,331 @@ def build_time(songplays: DataFrame) -> DataFrame:
 def build_tables(songs: DataFrame, events: DataFrame,
                  on_built: Callable[[str, DataFrame], DataFrame] = lambda name, df: df) -> Dict[str, DataFrame]:
     """All five tables from clean song records and clean events; on_built sees each as it is made."""
+    return build_lake(songs, events, on_built)[0]
+
+
+def build_lake(songs: DataFrame, events: DataFrame, on_built: Callable[[str, DataFrame], DataFrame]
+               = lambda name, df: df) -> Tuple[Dict[str, DataFrame], DataFrame, DataFrame]:
+    """The five tables, the plays and the users' latest versions (the state a later run builds on).
+    on_built sees each frame that is not a mere projection of another: songplays is the plays' final
+    select, users the latest versions'."""
     tables = {SONGS: on_built(SONGS, build_songs(songs)), ARTISTS: on_built(ARTISTS, build_artists(songs))}
-    tables[USERS] = on_built(USERS, build_users(events))
-    tables[SONGPLAYS] = on_built(SONGPLAYS, build_songplays(events, tables[SONGS], tables[ARTISTS]))
+    latest = on_built(USERS_STATE, latest_per_user(user_versions(events)))
+    plays = on_built(PLAYS_STATE, build_plays(events, tables[SONGS], tables[ARTISTS]))
+    tables[USERS] = users_from_latest(latest)
+    tables[SONGPLAYS] = songplays_from_plays(plays)
     tables[TIME] = on_built(TIME, build_time(tables[SONGPLAYS]))
-    return tables
+    return tables, plays, latest
+
+
+# --------------------------------------------------------------------------- transform: what changed
+
+# A daily run builds the new tables from the lake's state (lake.intake) and the files it read, but only the
+# rows that new, changed or removed files can change are computed afresh: each table's rows for those keys,
+# old and new, are compared (changed_rows), and the partitions holding a row that differs are rewritten.
+# Every other row is yesterday's, which was a full build's, so the result is a full build's.
+SIDE = "_side"
+OLD, NEW = "old", "new"
+FILE_LITERALS = 1000  # files named in a filter; more are joined
+PARTITION_LITERALS = 64  # partitions named in a filter (which prunes the state's folders); more are joined
+SONG_RECORD_SCHEMA = T.StructType(SONG_SCHEMA.fields + [T.StructField(SOURCE_FILE, T.StringType())])
+EVENT_RECORD_SCHEMA = T.StructType(LOG_SCHEMA.fields + [T.StructField(SOURCE_FILE, T.StringType())])
+RECORD_SCHEMAS = {SONG_DATA: SONG_RECORD_SCHEMA, LOG_DATA: EVENT_RECORD_SCHEMA}
+PLAYS_SCHEMA = ", ".join(f"{name} {kind}" for name, kind in PLAYS_COLUMNS)
+LATEST_SCHEMA = "user_id bigint, ts bigint, itemInSession int, level string, firstName string, lastName string, " \
+                "gender string"
+
+
+@dataclass
+class Change:
+    """The rows of one table (or state folder) that differ from the last run's, and its whole new version."""
+    name: str  # the folder below the output root
+    table: DataFrame
+    changed: DataFrame  # changed_rows(): old and new versions of the rows that differ
+    partition_by: Tuple[str, ...]
+    touched: List[Tuple[Optional[str], ...]] = field(default_factory=list)  # partition values, as strings
+
+
+@dataclass
+class Increment:
+    """What a daily run publishes: whole tables for the gate, changes to write, the trees' new segments."""
+    tables: Dict[str, DataFrame]
+    songs: DataFrame  # every clean song record that counts now, for the gate
+    events: DataFrame  # every clean event that counts now, for the gate
+    changes: List[Change]
+    segments: Dict[str, DataFrame]
+
+
+def settle(frame: DataFrame) -> DataFrame:
+    """frame computed now, once, and kept by the executors (a local checkpoint), with a plan that starts
+    there. A daily run derives a chain of small frames (keys, changed rows), each used several times: a plan
+    that uses a frame twice holds its whole plan twice, and Spark plans and runs each copy (136 jobs for
+    the changed plays of 900 new events, before frames were settled)."""
+    return frame.localCheckpoint(eager=True)
+
+
+def changed_rows(old: DataFrame, new: DataFrame, key: str) -> DataFrame:
+    """The rows of two versions of a keyed table, or of its rows for some keys, that differ: each with SIDE
+    old or new. A key only in new is an added row, a key only in old a removed one."""
+    columns = old.columns
+    versions = (
+        old.select(F.col(key), F.struct(*columns).alias(OLD))
+        .join(new.select(F.col(key), F.struct(*columns).alias(NEW)), on=key, how="full")
+    )
+
+    def tagged(which: str) -> Column:
+        return F.when(F.col(which).isNotNull(), F.struct(F.lit(which).alias(SIDE), *[
+            F.col(f"{which}.{name}").alias(name) for name in columns]))
+
+    changed = (
+        versions.filter(~F.col(OLD).eqNullSafe(F.col(NEW)))
+        .select(F.explode(F.array(tagged(OLD), tagged(NEW))).alias("row"))
+        .filter(F.col("row").isNotNull())
+        .select("row.*")
+    )
+    return changed
+
+
+def side(changed: DataFrame, which: str) -> DataFrame:
+    return changed.filter(F.col(SIDE) == which).drop(SIDE)
+
+
+def replace_rows(table: DataFrame, changed: DataFrame, key: str, small: bool) -> DataFrame:
+    """table with the changed rows in their new version (or gone)."""
+    keys = changed.select(F.col(key)).distinct()
+    return (
+        table.join(F.broadcast(keys) if small else keys, on=key, how="left_anti")
+        .unionByName(side(changed, NEW))
+    )
+
+
+def rows_of(frame: DataFrame, keys: DataFrame, small: bool) -> DataFrame:
+    """frame's rows whose key columns are among keys'. small: broadcast the keys (few new files), so that the
+    state is scanned, never shuffled."""
+    return frame.join(F.broadcast(keys) if small else keys, on=keys.columns, how="left_semi")
+
+
+def of_files(records: DataFrame, names: Sequence[str], keep: bool = True) -> DataFrame:
+    """The records read from the named files (keep), or from the others."""
+    if len(names) <= FILE_LITERALS:
+        named = F.col(SOURCE_FILE).isin(list(names)) if names else F.lit(False)
+        return records.filter(named if keep else ~named)
+    listed = records.sparkSession.createDataFrame([(name,) for name in names], f"{SOURCE_FILE} string")
+    return records.join(F.broadcast(listed), on=SOURCE_FILE, how="left_semi" if keep else "left_anti")
+
+
+def in_partitions(frame: DataFrame, columns: Sequence[str], touched: Sequence[Tuple[Optional[str], ...]]) -> DataFrame:
+    """frame's rows in the touched partitions (values as Spark casts them to strings)."""
+    if not columns:
+        return frame
+    if len(touched) <= PARTITION_LITERALS:
+        # A filter on partition columns alone prunes the folders a state table is read from.
+        matches = [reduce(Column.__and__, [F.col(c).cast("string").eqNullSafe(F.lit(v).cast("string"))
+                                           for c, v in zip(columns, values)]) for values in touched]
+        return frame.filter(reduce(Column.__or__, matches, F.lit(False)))
+    wanted = frame.sparkSession.createDataFrame(touched, ", ".join(f"_{c} string" for c in columns))
+    same = reduce(Column.__and__, [F.col(c).cast("string").eqNullSafe(F.col(f"_{c}")) for c in columns])
+    return frame.join(F.broadcast(wanted), on=same, how="left_semi")
+
+
+class LakeCopy:
+    """Where Spark reads what the lake keeps (its state, the rejects): in place, or, for S3 output under
+    python etl.py, whose Spark has no S3 reader (it writes through local disk: lake.plan), from a local copy
+    of just the folders a run reads, fetched by boto3: one listing per root, one GET per file."""
+
+    def __init__(self, store: Store, folder: Optional[str]) -> None:
+        self.store, self.folder, self.files = store, folder, 0
+
+    def paths(self, root: str, names: Sequence[str]) -> Dict[str, str]:
+        """{name: where Spark reads root/name}, fetched first if this is a copy."""
+        if self.folder is None or not names:
+            return {name: join(root, name) for name in names}
+        local = os.path.join(self.folder, str(len(os.listdir(self.folder))))
+        self.files += self.store.download(root, local, names)
+        found = {name: os.path.join(local, *name.split("/")) for name in names}
+        for path in found.values():
+            os.makedirs(path, exist_ok=True)  # a folder with nothing to read is read as empty
+        return found
+
+
+def state_paths(copy: LakeCopy, output_root: str, intakes: Mapping[str, TreeIntake]) -> Dict[str, str]:
+    """Where Spark reads the state folders a daily run needs: the segments, the plays, the users."""
+    names = [segment_name(intake.tree, segment) for intake in intakes.values() for segment in intake.segments]
+    below = len(STATE_DIR) + 1  # listed below _state/, never the tables beside it
+    found = copy.paths(join(output_root, STATE_DIR), [name[below:] for name in names + [PLAYS_STATE, USERS_STATE]])
+    return {f"{STATE_DIR}/{name}": path for name, path in found.items()}
+
+
+def segment_name(tree: str, segment: str) -> str:
+    return f"{STATE_DIR}/{tree}/{segment}"
+
+
+def read_records(spark: SparkSession, paths: Mapping[str, str], tree: str, segments: Sequence[str]) -> DataFrame:
+    """Clean records of one tree as the lake took them in, from the given segments."""
+    schema = RECORD_SCHEMAS[tree]
+    if not segments:
+        return spark.createDataFrame([], schema)
+    return spark.read.schema(schema).parquet(*[paths[segment_name(tree, name)] for name in segments])
+
+
+def record_versions(spark: SparkSession, paths: Mapping[str, str], intake: TreeIntake,
+                    fresh: DataFrame) -> Tuple[DataFrame, DataFrame, DataFrame, Optional[DataFrame]]:
+    """A tree's clean records as they counted (old) and count now (new), the records that stop counting
+    (dead: those of changed and removed files), and this run's segment: the fresh records and what the
+    rewritten segments keep."""
+    kept = read_records(spark, paths, intake.tree, intake.kept)
+    dirty = read_records(spark, paths, intake.tree, intake.dirty)
+    dead = of_files(dirty, intake.dead)
+    segment = of_files(dirty, intake.dead, keep=False).unionByName(fresh) if intake.writes_segment else None
+    new = kept.unionByName(segment) if segment is not None else kept
+    return kept.unionByName(dirty), new, dead, segment.coalesce(1) if segment is not None else None
+
+
+def song_changes(old: DataFrame, new: DataFrame, touched: DataFrame,
+                 small: bool) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame, DataFrame]:
+    """songs and artists from the new song records; their rows that differ from the old records' (only the
+    songs and artists of touched records can); and the titles a play must have for its match to change:
+    those of the songs that changed, and of every song record of an artist that changed."""
+    songs_new, artists_new = build_songs(new).cache(), build_artists(new).cache()
+    song_keys = settle(touched.select("song_id").distinct())
+    artist_keys = settle(touched.filter(F.col("artist_id").isNotNull()).select("artist_id").distinct())
+    # A song's (an artist's) row depends on all its records, and only on them: the old row of a touched key
+    # is built from that key's old records alone.
+    songs_changed = settle(changed_rows(build_songs(rows_of(old, song_keys, small)),
+                                        rows_of(songs_new, song_keys, small), "song_id"))
+    artists_changed = settle(changed_rows(build_artists(rows_of(old, artist_keys, small)),
+                                          rows_of(artists_new, artist_keys, small), "artist_id"))
+    # A song's title and artist_id come from one record, so a song of a changed artist has the title of one
+    # of that artist's records, old or new.
+    moved = artists_changed.select("artist_id").distinct()
+    titles = settle(
+        songs_changed.select("title")
+        .unionByName(rows_of(old.unionByName(new), moved, small).select("title"))
+        .filter(F.col("title").isNotNull())
+        .distinct()
+    )
+    return songs_new, artists_new, songs_changed, artists_changed, titles
+
+
+def plays_changes(plays_old: DataFrame, fresh: DataFrame, dead: DataFrame, events_new: DataFrame, dead_files: bool,
+                  titles: Optional[DataFrame], songs: DataFrame, artists: DataFrame, small: bool) -> DataFrame:
+    """The plays that differ from the state's: those of fresh and dead events, merged with the state's
+    (max() is associative), or, when files died, recomputed from every copy that still counts; and the
+    earlier plays with the title of a changed catalogue row, rematched."""
+    keys = settle(play_copies(fresh).unionByName(play_copies(dead)).select(*EVENT_KEY).distinct())
+    if dead_files:
+        candidates = dedupe_plays(rows_of(play_copies(events_new), keys, small))
+    else:
+        earlier = rows_of(plays_old, keys, small).select(*EVENT_KEY, *PLAY_ATTRIBUTES)
+        candidates = dedupe_plays(play_copies(fresh).unionByName(earlier))
+    if titles is not None:
+        refit = settle(
+            rows_of(plays_old, titles.withColumnRenamed("title", "song"), small)
+            .join(keys, on=list(EVENT_KEY), how="left_anti")
+            .select(*EVENT_KEY, *PLAY_ATTRIBUTES, "songplay_id")
+        )
+        candidates = candidates.unionByName(refit)
+        keys = keys.unionByName(refit.select(*EVENT_KEY))
+    return settle(changed_rows(rows_of(plays_old, keys, small),
+                               conform_plays(match_songs(candidates, songs, artists)), "songplay_id"))
+
+
+def build_increment(spark: SparkSession, settings: Settings, intakes: Mapping[str, TreeIntake],
+                    fresh: Mapping[str, DataFrame], small: bool, paths: Mapping[str, str]) -> Increment:
+    """The new tables and state from the state (read where paths say) and the fresh clean records, with
+    what changed."""
+    layout = settings.partition_by
+    songs_in, logs_in = intakes[SONG_DATA], intakes[LOG_DATA]
+    song_records = record_versions(spark, paths, songs_in, fresh[SONG_DATA])
+    event_records = record_versions(spark, paths, logs_in, fresh[LOG_DATA])
+    changes: List[Change] = []
+
+    # Songs and artists: rebuilt from all song records (small), compared where records came or went.
+    songs_old_records, songs_new_records, songs_dead, _ = song_records
+    titles = None
+    if songs_in.touched:
+        touched = songs_dead.unionByName(fresh[SONG_DATA])
+        songs_new, artists_new, songs_changed, artists_changed, titles = song_changes(
+            songs_old_records, songs_new_records, touched, small)
+        changes += [Change(SONGS, songs_new, songs_changed, tuple(layout[SONGS])),
+                    Change(ARTISTS, artists_new, artists_changed, tuple(layout[ARTISTS]))]
+    else:
+        songs_new, artists_new = build_songs(songs_new_records).cache(), build_artists(songs_new_records).cache()
+
+    # Plays and the tables made of them: songplays (their final select) and time (a start_time's row comes
+    # or goes with the last play at that moment).
+    _, events_new, events_dead, _ = event_records
+    plays_old = spark.read.schema(PLAYS_SCHEMA).parquet(paths[PLAYS_STATE])
+    plays_changed = plays_changes(plays_old, fresh[LOG_DATA], events_dead, events_new, bool(logs_in.dead), titles,
+                                  songs_new, artists_new, small)
+    plays_new = replace_rows(plays_old, plays_changed, "songplay_id", small).cache()
+    songplays_new = songplays_from_plays(plays_new)
+    songplays_changed = settle(changed_rows(songplays_from_plays(side(plays_changed, OLD)),
+                                            songplays_from_plays(side(plays_changed, NEW)), "songplay_id"))
+    moments = songplays_changed.select("start_time").distinct()
+    time_new = build_time(songplays_new).cache()
+    time_changed = changed_rows(
+        build_time(rows_of(songplays_from_plays(plays_old).select("start_time"), moments, small)),
+        build_time(rows_of(songplays_new.select("start_time"), moments, small)), "start_time")
+    changes.insert(0, Change(PLAYS_STATE, plays_new, plays_changed, PLAYS_PARTITION_BY))
+
+    # Users: each touched user's latest version, merged with the state's, or recomputed when files died.
+    latest_old = spark.read.schema(LATEST_SCHEMA).parquet(paths[USERS_STATE])
+    latest_new = latest_old
+    if logs_in.touched:
+        fresh_events = fresh[LOG_DATA]
+        user_keys = settle(user_versions(fresh_events).unionByName(user_versions(events_dead))
+                           .select("user_id").distinct())
+        if logs_in.dead:
+            latest = latest_per_user(rows_of(user_versions(events_new), user_keys, small))
+        else:
+            latest = latest_per_user(user_versions(fresh_events).unionByName(rows_of(latest_old, user_keys, small)))
+        latest_changed = settle(changed_rows(rows_of(latest_old, user_keys, small), latest, "user_id"))
+        latest_new = replace_rows(latest_old, latest_changed, "user_id", small).cache()
+        users_changed = changed_rows(users_from_latest(side(latest_changed, OLD)),
+                                     users_from_latest(side(latest_changed, NEW)), "user_id")
+        changes.insert(1, Change(USERS_STATE, latest_new, latest_changed, ()))
+        changes.append(Change(USERS, users_from_latest(latest_new), users_changed, tuple(layout[USERS])))
+    changes += [Change(TIME, time_new, time_changed, tuple(layout[TIME])),
+                Change(SONGPLAYS, songplays_new, songplays_changed, tuple(layout[SONGPLAYS]))]
+
+    tables = {SONGS: songs_new, ARTISTS: artists_new, USERS: users_from_latest(latest_new), TIME: time_new,
+              SONGPLAYS: songplays_new}
+    segments = {tree: records[3] for tree, records in ((SONG_DATA, song_records), (LOG_DATA, event_records))
+                if records[3] is not None}
+    return Increment(tables, songs_new_records, events_new, changes, segments)
+
+
+def find_touched(changes: Sequence[Change]) -> None:
+    """Fills in each change's touched partitions (the partition values of its changed rows, old and new;
+    () for an unpartitioned table with any change), in one Spark job."""
+    parts = [
+        change.changed.select(F.lit(index).alias("change"),
+                              F.array(*[F.col(c).cast("string") for c in change.partition_by]).cast("array<string>")
+                              .alias("values")).distinct()
+        for index, change in enumerate(changes)
+    ]
+    if not parts:
+        return
+    for row in reduce(DataFrame.unionByName, parts).collect():
+        changes[row["change"]].touched.append(tuple(row["values"]))
+    for change in changes:
+        change.touched = sorted(set(change.touched), key=lambda values: tuple(v or "" for v in values))
+
+
+def written_partitions(contents: Sequence[Tuple[Change, DataFrame]]) -> List[List[Tuple[Optional[str], ...]]]:
+    """For each partitioned change, the touched partitions that hold rows in its new version (the others are
+    removed), in one Spark job."""
+    parts = [
+        content.select(F.lit(index).alias("change"),
+                       F.array(*[F.col(c).cast("string") for c in change.partition_by]).alias("values")).distinct()
+        for index, (change, content) in enumerate(contents)
+    ]
+    found: List[List[Tuple[Optional[str], ...]]] = [[] for _ in contents]
+    if parts:
+        for row in reduce(DataFrame.unionByName, parts).collect():
+            found[row["change"]].append(tuple(row["values"]))
+    return found
 
 
 # --------------------------------------------------------------------------- quality gate
@@ -789,12 +1215,13 @@ def figures_of(document: Mapping[str, object]) -> Dict[str, object]:
 
 def last_successful_run(store: Store, output_root: str) -> Optional[dict]:
     """The report of the newest run that succeeded, from <output>/_runs/ (run ids start with their UTC
-    time, so names sort in time order), or None."""
+    time, so names sort in time order), or None. A run that found nothing new built nothing and measured
+    nothing: it is passed over."""
     folder = join(output_root, RUNS_DIR)
     names = sorted((key for key in store.keys(folder) if "/" not in key and key.endswith(".json")), reverse=True)
     for name in names:
         document = store.read_json(join(folder, name))
-        if document and document.get("status") == SUCCEEDED:
+        if document and document.get("status") == SUCCEEDED and not (document.get("intake") or {}).get(NOTHING_NEW):
             return document
     return None
 
@@ -916,33 +1343,155 @@ def write_table(table: DataFrame, path: str, partition_by: Sequence[str]) -> Non
     writer.parquet(path)
 
 
+AS_TABLE, AS_RECORDS, AS_JSON = "table", "records", "rejects"
+WRITE_STATE = "write state"
+REJECTS_SCHEMA = f"{SOURCE_FILE} string, {REASON} string, line string"
+
+
+@dataclass
+class Write:
+    """One frame Spark writes to a unit's staging folder."""
+    unit: Unit
+    frame: Optional[DataFrame]  # None: nothing to write (a table a daily run leaves as it is)
+    partition_by: Tuple[str, ...] = ()
+    kind: str = AS_TABLE  # AS_TABLE: write_table; AS_RECORDS: a state segment as Spark holds it; AS_JSON: rejects
+    label: Optional[str] = None  # the phase (and pause point) it is written in, if any
+
+
 def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
     return [Unit(settings.rejected_root, tree) for tree in (SONG_DATA, LOG_DATA)] + \
            [Unit(settings.output_root, name) for name in tables]
 
 
-def stage(tables: Mapping[str, DataFrame], rejects: Mapping[str, DataFrame], settings: Settings,
-          report: RunReport, store: Store, spool: Optional[str] = None) -> None:
+def stage(writes: Sequence[Write], report: RunReport, store: Store, spool: Optional[str] = None) -> None:
     """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/. With a
-    spool folder, Spark writes there (local disk) and the files are then uploaded to the staging prefix."""
+    spool folder, Spark writes there (local disk) and the files are then uploaded to the staging prefix.
+    Writes with the same label share a phase, with a pause point at its start."""
     written: List[Tuple[Unit, str]] = []
 
     def target(unit: Unit) -> str:
-        path = os.path.join(spool, f"{len(written)}-{unit.name}") if spool else unit.staged(report.run_id)
+        path = os.path.join(spool, f"{len(written)}-{unit.name.replace('/', '-')}") if spool \
+            else unit.staged(report.run_id)
         written.append((unit, path))
         return path
 
-    for tree, frame in rejects.items():
-        # Rejects are few; one file per tree is easiest to inspect.
-        frame.coalesce(1).write.mode("overwrite").json(target(Unit(settings.rejected_root, tree)))
-    for name in tables:
-        pause_point(f"write {name}")
-        with phase(report, f"write {name}") as counts:
-            write_table(tables[name], target(Unit(settings.output_root, name)), settings.partition_by[name])
-            counts["rows"] = report.tables[name]["rows"]
+    def write(item: Write) -> None:
+        if item.frame is None:
+            return
+        if item.kind == AS_JSON:  # rejects are few; one file per tree is easiest to inspect
+            item.frame.coalesce(1).write.mode("overwrite").json(target(item.unit))
+        elif item.kind == AS_RECORDS:
+            item.frame.write.mode("overwrite").parquet(target(item.unit))
+        else:
+            write_table(item.frame, target(item.unit), item.partition_by)
+
+    index = 0
+    while index < len(writes):
+        label = writes[index].label
+        group = [writes[index]]
+        while index + len(group) < len(writes) and label and writes[index + len(group)].label == label:
+            group.append(writes[index + len(group)])
+        index += len(group)
+        if not label:
+            for item in group:
+                write(item)
+            continue
+        pause_point(label)
+        with phase(report, label) as counts:
+            for item in group:
+                write(item)
+            table = label[len("write "):]
+            if table in report.tables:
+                counts["rows"] = report.tables[table]["rows"]
     if spool:
         with phase(report, "upload") as counts:
             counts["files"] = sum(store.upload(path, unit.staged(report.run_id)) for unit, path in written)
+
+
+def reject_writes(spark: SparkSession, copy: LakeCopy, settings: Settings, intakes: Mapping[str, TreeIntake],
+                  fresh: Mapping[str, DataFrame], whole: bool) -> List[Write]:
+    """Each rejects tree as a full build of the input as it stands would write it: a daily run keeps the
+    rejects of files the lake took in and still counts, drops those of changed and removed files (they
+    describe content that no longer exists), and adds the fresh files'."""
+    writes = []
+    for tree in (SONG_DATA, LOG_DATA):
+        frame = fresh[tree]
+        if not whole:
+            if not intakes[tree].touched:
+                continue
+            frame = frame.unionByName(kept_rejects(spark, copy, settings, intakes[tree]))
+        writes.append(Write(Unit(settings.rejected_root, tree), frame, kind=AS_JSON))
+    return writes
+
+
+def kept_rejects(spark: SparkSession, copy: LakeCopy, settings: Settings, intake: TreeIntake) -> DataFrame:
+    """The published rejects of files the lake took in and still counts as they were."""
+    if not copy.store.has_data(join(settings.rejected_root, intake.tree)):
+        return spark.createDataFrame([], REJECTS_SCHEMA)
+    published = spark.read.schema(REJECTS_SCHEMA).json(copy.paths(settings.rejected_root, [intake.tree])[intake.tree])
+    # A failed run publishes the rejects of files the lake did not take in: only the state says which count.
+    named = [row[SOURCE_FILE] for row in published.select(SOURCE_FILE).distinct().collect()]
+    unchanged = intake.unchanged
+    return of_files(published, [name for name in named if name in unchanged and name in intake.previous])
+
+
+def state_unit(settings: Settings, name: str, drop: bool = False) -> Unit:
+    return Unit(settings.output_root, f"{STATE_DIR}/{name}" if not name.startswith(STATE_DIR) else name, drop)
+
+
+def full_output(settings: Settings, run_id: str, tables: Mapping[str, DataFrame], clean: Mapping[str, DataFrame],
+                plays: DataFrame, latest: DataFrame) -> Tuple[List[Write], List[Unit]]:
+    """A full build: every table whole, and the state whole (one unit: _state)."""
+    writes = [Write(state_unit(settings, f"{tree}/{run_id}"), clean[tree], kind=AS_RECORDS, label=WRITE_STATE)
+              for tree in (SONG_DATA, LOG_DATA)]
+    writes += [Write(state_unit(settings, PLAYS_STATE), plays, PLAYS_PARTITION_BY, label=WRITE_STATE),
+               Write(state_unit(settings, USERS_STATE), latest, label=WRITE_STATE)]
+    writes += [Write(Unit(settings.output_root, name), tables[name], tuple(settings.partition_by[name]),
+                     label=f"write {name}") for name in TABLES]
+    return writes, [state_unit(settings, STATE_DIR)] + [Unit(settings.output_root, name) for name in TABLES]
+
+
+def increment_output(settings: Settings, run_id: str, increment: Increment, intakes: Mapping[str, TreeIntake],
+                     report: RunReport) -> Tuple[List[Write], List[Unit]]:
+    """A daily run: this run's segments (and the segments they replace, dropped), then each touched partition
+    of the plays and users state and of the tables, published from staging, or dropped if now empty."""
+    writes: List[Write] = []
+    state: List[Unit] = []
+    for tree, segment in increment.segments.items():
+        unit = state_unit(settings, f"{tree}/{run_id}")
+        writes.append(Write(unit, segment, kind=AS_RECORDS, label=WRITE_STATE))
+        state += [unit] + [state_unit(settings, f"{tree}/{name}", drop=True) for name in intakes[tree].dirty]
+    contents = [(change, in_partitions(change.table, change.partition_by, change.touched))
+                for change in increment.changes if change.touched]
+    present = iter(written_partitions([(change, content) for change, content in contents if change.partition_by]))
+    tables: Dict[str, List[Unit]] = {}
+    rewritten, removed = report.intake.setdefault("partitions_rewritten", {}), \
+        report.intake.setdefault("partitions_removed", {})
+    for change, content in contents:
+        is_state = change.name.startswith(STATE_DIR)
+        label = WRITE_STATE if is_state else f"write {change.name}"
+        if change.partition_by:
+            kept, gone = partition_units(change.partition_by, change.touched, next(present))
+        else:
+            kept, gone = [""], []
+        if kept:
+            writes.append(Write(Unit(settings.output_root, change.name), content, change.partition_by, label=label))
+        changed = [Unit(settings.output_root, join(change.name, folder) if folder else change.name)
+                   for folder in kept]
+        changed += [Unit(settings.output_root, join(change.name, folder), drop=True) for folder in gone]
+        if is_state:
+            state += changed
+        else:
+            tables.setdefault(change.name, []).extend(changed)
+        rewritten[change.name], removed[change.name] = len(kept), len(gone)
+    # Every table has its phase and pause point, written or not, as in a full build.
+    writes += [Write(Unit(settings.output_root, name), None, label=f"write {name}") for name in TABLES
+               if name not in tables]
+    # State first, its manifest last; then the tables, dimensions first (as a full build publishes them).
+    # Writes in the same order, so that each phase is one label.
+    writes.sort(key=lambda item: 0 if item.label == WRITE_STATE else 1 + TABLES.index(item.unit.name))
+    units = state + [state_unit(settings, MANIFEST_UNIT)] + [unit for name in TABLES for unit in tables.get(name, [])]
+    return writes, units
 
 
 @contextmanager
@@ -955,15 +1504,24 @@ def spool_folder(plan: RunPlan, run_id: str) -> Iterator[Optional[str]]:
         yield folder
 
 
-def require_staged_data(store: Store, settings: Settings, tables: Sequence[str], run_id: str) -> None:
+def require_staged_data(store: Store, writes: Sequence[Write], run_id: str) -> None:
     """The gate saw rows in every table; a staged table without a data file means a committer lost them
     (say, a staging committer on a cluster without a shared file system). Never publish that."""
-    for name in tables:
-        if not store.has_data(Unit(settings.output_root, name).staged(run_id)):
-            raise EtlError(f"the write of {name} left no data file in staging, though it has rows")
+    for item in writes:
+        if item.frame is not None and item.kind == AS_TABLE and item.unit.name in TABLES \
+                and not store.has_data(item.unit.staged(run_id)):
+            raise EtlError(f"the write of {item.unit.name} left no data file in staging, though it has rows")
 
 
 # --------------------------------------------------------------------------- the run
+
+FULL, INCREMENTAL = "full", "incremental"
+NOTHING_NEW = "nothing_new"  # in the report's intake: the run ended after listing
+# A daily run broadcasts the keys its fresh and dead records touch, up to this many records; beyond, Spark
+# plans the joins itself.
+BROADCAST_RECORDS = 2_000_000
+ADAPTIVE = "spark.sql.adaptive.enabled"
+
 
 def count_rows(frames: Mapping[str, DataFrame]) -> Dict[str, int]:
     """Rows of each frame, in one job; the first count of a cached frame is what fills its cache."""
@@ -971,12 +1529,35 @@ def count_rows(frames: Mapping[str, DataFrame]) -> Dict[str, int]:
     return {name: row["rows"] for name, row in rows.items()}
 
 
+def take_stock(settings: Settings, plan: RunPlan, report: RunReport) -> Dict[str, TreeIntake]:
+    """Lists the input and compares it with what the lake has taken in; decides whether this run builds in
+    full or from what is new. Needs no Spark: a run with nothing new never starts it."""
+    store = plan.output_store
+    manifest = load_manifest(store, settings.output_root)
+    reason = why_full(manifest, settings.full, settings.partition_by,
+                      rejects_location(settings.output_root, settings.rejected_root),
+                      store.children(settings.output_root), TABLES)
+    comparable = manifest if manifest and manifest.get("state_version") == STATE_VERSION else None
+    intakes, files = {}, {}
+    for tree in (SONG_DATA, LOG_DATA):
+        listed = list_tree(plan, settings.input_root, tree)
+        since_last = compare(tree, listed, comparable, report.run_id)  # what the report calls new
+        intakes[tree] = since_last if reason is None else compare(tree, listed, None, report.run_id)
+        files[tree] = since_last.counts()
+    report.intake = {"mode": FULL if reason else INCREMENTAL, "why_full": reason,
+                     "previous_run": (comparable or {}).get("run_id"), "files": files,
+                     "previous_rows": (comparable or {}).get("tables", {})}
+    return intakes
+
+
 def _read_tree(report: RunReport, tree: str, read: Callable[[], Tuple[DataFrame, int]],
-               split: Callable[[DataFrame], Tuple[DataFrame, DataFrame]]) -> Tuple[DataFrame, DataFrame]:
-    """Reads one input tree, counting its files, records and rejects into the report; returns (clean, rejects)."""
+               split: Callable[[DataFrame], Tuple[DataFrame, DataFrame]]
+               ) -> Tuple[DataFrame, DataFrame, Dict[str, int]]:
+    """Reads one input tree (or its fresh files), counting its files, records and rejects into the report;
+    returns (clean, rejects, clean records per file)."""
     with phase(report, f"read {tree}") as counts:
         files_key, records_key = REPORT_INPUT_KEYS[tree]
-        raw, report.input[files_key] = read()  # lists the tree's files: part of reading it
+        raw, report.input[files_key] = read()
         counts["files"] = report.input[files_key]
         raw = lines_of_rejects_only(raw, tree).cache()
         clean, rejects = split(raw)
@@ -984,41 +1565,93 @@ def _read_tree(report: RunReport, tree: str, read: Callable[[], Tuple[DataFrame,
         report.input[records_key] = counts["records"] = profile["records"]
         report.rejected[tree] = counts["rejected"] = profile["rejected"]
         report.quality.setdefault("read", {})[tree] = profile
+        per_file = {row[SOURCE_FILE]: row["count"] for row in clean.groupBy(SOURCE_FILE).count().collect()}
     if profile["unknown_fields"]:
         LOG.warning("%s: fields the schema does not know, with the lines carrying each: %s", tree,
                     ", ".join(f"{name} {count}" for name, count in profile["unknown_fields"].items()))
-    return clean, rejects
+    return clean, rejects, per_file
 
 
-def extract(spark: SparkSession, settings: Settings, report: RunReport,
-            plan: RunPlan) -> Tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
-    def reader(tree: str) -> Callable[[], Tuple[DataFrame, int]]:
-        return lambda: read_input(spark, plan, settings.input_root, tree)
+def extract(spark: SparkSession, settings: Settings, report: RunReport, plan: RunPlan,
+            intakes: Mapping[str, TreeIntake], whole: bool
+            ) -> Tuple[Dict[str, DataFrame], Dict[str, DataFrame], Dict[str, int]]:
+    """Reads every listed file (whole) or the fresh ones: clean records and rejects per tree, and the clean
+    records of each file read."""
+    clean, rejects, per_file = {}, {}, {}
+    for tree, split in ((SONG_DATA, split_songs), (LOG_DATA, split_events)):
+        files = list(intakes[tree].listed.values()) if whole else intakes[tree].fresh
 
-    songs, song_rejects = _read_tree(report, SONG_DATA, reader(SONG_DATA), split_songs)
-    pause_point("read")
-    events, event_rejects = _read_tree(report, LOG_DATA, reader(LOG_DATA), split_events)
-    return songs, song_rejects, events, event_rejects
+        def read(tree: str = tree, files: Sequence[InputFile] = files) -> Tuple[DataFrame, int]:
+            return read_files(spark, plan, settings.input_root, tree, files, whole), len(files)
+
+        if files:
+            clean[tree], rejects[tree], counts = _read_tree(report, tree, read, split)
+            per_file.update(counts)
+        else:  # a daily run with nothing new in this tree: no phase, no job
+            clean[tree], rejects[tree] = split(read()[0])
+            report.input.update(dict.fromkeys(REPORT_INPUT_KEYS[tree], 0))
+        if tree == SONG_DATA:
+            pause_point("read")
+    return clean, rejects, per_file
 
 
-def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Dict[str, DataFrame]:
-    """The five tables, cached (the gate and the writes read them again) and counted, in one job."""
+def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Tuple[Dict[str, DataFrame], DataFrame,
+                                                                               DataFrame]:
+    """The five tables and the state behind them, cached (the gate and the writes read them again) and
+    counted, in one job."""
     with phase(report, "build tables") as counts:
-        tables = build_tables(songs, events, on_built=lambda name, table: table.cache())
+        tables, plays, latest = build_lake(songs, events, on_built=lambda name, table: table.cache())
         rows = count_rows(tables)
         for name in TABLES:
             report.tables[name] = {"rows": rows[name]}
             counts[name] = rows[name]
-    return tables
+    return tables, plays, latest
+
+
+def transform_increment(spark: SparkSession, settings: Settings, report: RunReport, intakes: Mapping[str, TreeIntake],
+                        clean: Mapping[str, DataFrame], copy: LakeCopy) -> Increment:
+    """The new tables from the state and the fresh records, what changed, and the partitions it touches."""
+    with phase(report, "build tables") as counts:
+        dead = sum(intake.previous[name].records for intake in intakes.values() for name in intake.dead)
+        fresh = sum(report.input.get(key, 0) for key in ("song_records", "log_events"))
+        small = fresh + dead <= BROADCAST_RECORDS
+        if small and ADAPTIVE not in dict(spark.sparkContext.getConf().getAll()):
+            # A daily run's frames are small and its joins planned (broadcasts named): adaptive execution
+            # would run each of its many small shuffles as a job of its own (101 jobs against 36, measured).
+            spark.conf.set(ADAPTIVE, "false")
+        paths = state_paths(copy, settings.output_root, intakes)
+        increment = build_increment(spark, settings, intakes, clean, small, paths)
+        find_touched(increment.changes)
+        rows = count_rows(increment.tables)
+        for name in TABLES:
+            report.tables[name] = {"rows": rows[name]}
+            counts[name] = rows[name]
+        counts["partitions touched"] = sum(len(change.touched) for change in increment.changes)
+        if copy.folder:
+            counts["state files fetched"] = report.intake["state_files_fetched"] = copy.files
+    return increment
 
 
 def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
-            lock: Optional[Lock] = None) -> bool:
+            intakes: Mapping[str, TreeIntake], lock: Optional[Lock] = None) -> bool:
     """Extract, transform, check, stage, publish. If the gate fails only the rejects are published. A run
     that no longer holds the lake (lock) publishes nothing more."""
-    store = plan.output_store
-    songs, song_rejects, events, event_rejects = extract(spark, settings, report, plan)
-    tables = transform(songs, events, report)
+    with spool_folder(plan, f"{report.run_id}-lake") as folder:
+        return _run_job(spark, settings, plan, report, intakes, LakeCopy(plan.output_store, folder), lock)
+
+
+def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
+             intakes: Mapping[str, TreeIntake], copy: LakeCopy, lock: Optional[Lock]) -> bool:
+    store, run_id = plan.output_store, report.run_id
+    whole = report.intake["mode"] == FULL
+    clean, rejects, per_file = extract(spark, settings, report, plan, intakes, whole)
+    plays = latest = increment = None
+    if whole:
+        tables, plays, latest = transform(clean[SONG_DATA], clean[LOG_DATA], report)
+        songs, events = clean[SONG_DATA], clean[LOG_DATA]
+    else:
+        increment = transform_increment(spark, settings, report, intakes, clean, copy)
+        tables, songs, events = increment.tables, increment.songs, increment.events
     with phase(report, "quality gate") as counts:
         pause_point("gate")
         report.checks = quality_gate(tables, songs, events, report, settings, store)
@@ -1028,15 +1661,26 @@ def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunR
         LOG.error("check failed: %s (%s)", check.name, check.detail)
     if failed:
         report.error = report.error_line = gate_failure(failed)
-    to_publish = [] if failed else list(TABLES)
-    with spool_folder(plan, report.run_id) as spool:
-        stage({name: tables[name] for name in to_publish}, {SONG_DATA: song_rejects, LOG_DATA: event_rejects},
-              settings, report, store, spool)
-    require_staged_data(store, settings, to_publish, report.run_id)
+    writes = reject_writes(spark, copy, settings, intakes, rejects, whole)
+    to_publish = [item.unit for item in writes]
+    if not failed:
+        lake_writes, lake_units = full_output(settings, run_id, tables, clean, plays, latest) if whole \
+            else increment_output(settings, run_id, increment, intakes, report)
+        writes, to_publish = writes + lake_writes, to_publish + lake_units
+        previous = report.intake.get("previous_rows", {})
+        report.intake["rows_added"] = {name: report.tables[name]["rows"] - previous.get(name, 0) for name in TABLES}
+    with spool_folder(plan, run_id) as spool:
+        stage(writes, report, store, spool)
+    if not failed:
+        store.write_json(join(state_unit(settings, MANIFEST_UNIT).staged(run_id), MANIFEST_FILE), new_manifest(
+            run_id, JOB_VERSION, settings.partition_by, rejects_location(settings.output_root, settings.rejected_root),
+            list(intakes.values()), per_file,
+            {name: report.tables[name]["rows"] for name in TABLES}))
+    require_staged_data(store, writes, run_id)
     with phase(report, "publish") as counts:
-        publish(store, units(settings, to_publish), report.run_id, settings.output_root, lock)
-        report.published = [unit.final() for unit in units(settings, to_publish)]
-        counts["folders"] = len(report.published)
+        publish(store, to_publish, run_id, settings.output_root, lock)
+        report.published = published_folders(to_publish)
+        counts["folders"] = len(to_publish)
     report.status = "failed" if failed else "succeeded"
     return not failed
 
@@ -1109,6 +1753,21 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
         print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
         return 1
     try:
+        with phase(report, "list input") as counts:
+            intakes = take_stock(settings, plan, report)
+            for tree in intakes:
+                counts[tree] = ", ".join(f"{value} {key}" for key, value in report.intake["files"][tree].items())
+    except Exception as exc:
+        report.error = str(exc) if isinstance(exc, EtlError) else one_line(exc)
+        report.error_line = failure_line(report, settings, plan)
+        return end_report(store, report, roots, 1, lock)
+    if report.intake["mode"] == INCREMENTAL and not any(intake.touched for intake in intakes.values()):
+        LOG.info("nothing new since run %s: every table stays as it was published", report.intake["previous_run"])
+        report.status, report.intake[NOTHING_NEW] = "succeeded", True
+        return end_report(store, report, roots, catalog_step(settings, plan, report), lock)
+    LOG.info("%s build: %s", report.intake["mode"],
+             report.intake["why_full"] or "from the lake's state and the files added, changed or removed")
+    try:
         with phase(report, "start spark"):
             spark = create_spark_session(plan)
     except Exception as exc:  # no Java, say, or jars missing; nothing has been read or written yet
@@ -1117,7 +1776,7 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
         print(f"error: {report.error}", file=sys.stderr)  # last, so it is the line a user sees
         return code
     try:
-        code = 0 if run_job(spark, settings, plan, report, lock) else 1
+        code = 0 if run_job(spark, settings, plan, report, intakes, lock) else 1
     except Exception as exc:  # the report must still say the run failed
         report.publish_left = isinstance(exc, PublishCutShort)
         cause = exc.cause if isinstance(exc, PublishCutShort) else exc

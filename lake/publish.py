@@ -51,13 +51,32 @@ def publish(store: Store, units: Sequence[Unit], run_id: str, output_root: str, 
 
 def finish_publish(store: Store, journal: dict, lock: Optional[Lock] = None) -> None:
     """Idempotent: run again on the same journal, it does only what is left."""
-    for entry in journal["units"]:
-        unit = Unit(entry["root"], entry["name"])
+    entries = journal["units"]
+    for index, entry in enumerate(entries):
+        unit = journal_unit(entry)
         if lock:
             lock.check()
         store.publish_unit(unit, journal["run_id"], entry)
         LOG.debug("published %s", unit.final())
-        pause_point(f"published {unit.name}")
+        # Units come grouped by folder (a table's partitions, the lake's state): one pause point per group.
+        if index + 1 == len(entries) or top_folder(entries[index + 1]["name"]) != top_folder(unit.name):
+            pause_point(f"published {top_folder(unit.name)}")
+
+
+def journal_unit(entry: dict) -> Unit:
+    return Unit(entry["root"], entry["name"], entry.get("drop", False))
+
+
+def top_folder(name: str) -> str:
+    """The folder a unit belongs to: "songs" for "songs/year=2005/artist_id=AR1"."""
+    return name.split("/", 1)[0]
+
+
+def published_folders(units: Sequence[Unit]) -> List[str]:
+    """The folders readers see that units change: each table or rejects tree once, however many of its
+    partitions were published (not the lake's own "_" folders, such as its state)."""
+    return list(dict.fromkeys(join(unit.root, top_folder(unit.name)) for unit in units
+                              if not top_folder(unit.name).startswith(("_", "."))))
 
 
 def open_staging(store: Store, output_root: str, run_id: str) -> None:
@@ -72,12 +91,14 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
     Returns, per run whose publish it finished, the folders that run published."""
     staging = join(output_root, STAGING_DIR)
     finished = {}
-    for run_id in store.children(staging):
+    dead_runs = store.children(staging)
+    for run_id in dead_runs:
         journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
         if journal:
             LOG.warning("finishing the publish of run %s, which was stopped half-way", run_id)
             finish_publish(store, journal, lock)
-            finished[run_id] = [Unit(entry["root"], entry["name"]).final() for entry in journal["units"]]
+            finished[run_id] = published_folders([journal_unit(entry) for entry in journal["units"]])
+    for run_id in dead_runs:
         clear_staging(store, roots, output_root, run_id)
     pause_point("recovered")
     return finished

@@ -56,6 +56,8 @@ class RunReport:
     published: List[str] = field(default_factory=list)
     catalog: Dict[str, object] = field(default_factory=dict)  # the Glue Data Catalog step, once it has run
     quality: Dict[str, object] = field(default_factory=dict)  # what the quality gate measured
+    # Full or incremental, and why; files added, changed and removed; partitions rewritten; rows added.
+    intake: Dict[str, object] = field(default_factory=dict)
     current_phase: Optional[str] = None  # the phase running now: where a failed run stopped
     error_line: Optional[str] = None  # what main tells the user, last, if the run failed
     publish_left: bool = False  # a publish cut short: its journal and staging stay for the next run
@@ -72,6 +74,7 @@ class RunReport:
             "input_root": self.input_root,
             "output_root": self.output_root,
             "input": self.input,
+            "intake": {key: value for key, value in self.intake.items() if key != "previous_rows"},
             "rejected": {**self.rejected, "path": self.rejected_root},
             # Only what this run made visible: a run that stopped early claims nothing.
             "published": self.published,

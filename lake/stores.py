@@ -29,9 +29,12 @@ S3_DELETE_BATCH = 1000
 
 @dataclass(frozen=True)
 class Unit:
-    """One folder readers see (a table, or a tree's rejects) and where this run stages it."""
+    """One folder readers see (a table, a tree's rejects, one partition folder such as
+    "songs/year=2005/artist_id=AR1", or a folder of the lake's state) and where this run stages it.
+    A unit with drop=True has nothing staged: publishing it removes the published folder."""
     root: str
     name: str
+    drop: bool = False
 
     def final(self) -> str:
         return join(self.root, self.name)
@@ -55,9 +58,10 @@ class Store(Protocol):
     def require_input(self, root: str, tree: str) -> None:
         """Fails with one line unless root/tree holds at least one input file."""
 
-    def list_input(self, folder: str) -> List[Tuple[str, object, int]]:
-        """(name, location, size) of every input file below folder, from one listing: the name as Spark's
-        binaryFile reader spells it, and what a task opens (etl.py's fetch functions)."""
+    def list_input(self, folder: str) -> List[Tuple[str, object, int, str]]:
+        """(name, location, size, version) of every input file below folder, from one listing: the name as
+        Spark's binaryFile reader spells it, what a task opens (etl.py's fetch functions), and what changes
+        when the file is replaced (an ETag on S3, size and mtime on local disk; lake.intake compares it)."""
 
     def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
         """What a task that fetches listed files makes its S3 client from (lake.aws.s3_client_settings); None
@@ -108,10 +112,14 @@ class LocalStore:
         if not any(is_input_file(name) for name in visible_files(folder)):
             raise EtlError(f"no .json files under {folder}")
 
-    def list_input(self, folder: str) -> List[Tuple[str, object, int]]:
-        # Reading a local file needs no size.
-        return [(f"file:{path}", path, 0) for path in
-                (os.path.join(folder, name) for name in visible_files(folder) if is_input_file(name))]
+    def list_input(self, folder: str) -> List[Tuple[str, object, int, str]]:
+        # Reading a local file needs no size; the version does (a file rewritten within one mtime tick
+        # to the same size would go unseen: nanosecond mtimes make that unlikely).
+        listed = []
+        for path in (os.path.join(folder, name) for name in visible_files(folder) if is_input_file(name)):
+            stat = os.stat(path)
+            listed.append((f"file:{path}", path, 0, f"{stat.st_size}-{stat.st_mtime_ns}"))
+        return listed
 
     def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
         return None
@@ -166,6 +174,8 @@ class LocalStore:
         return next(visible_files(path), None) is not None
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
+        if unit.drop:
+            return {}  # nothing staged: publishing it moves the published folder aside
         # The new version names itself, inside its folder, before the journal is written: after a kill, the
         # published folder is this run's or it is not, whatever the step reached (or a copy of the lake).
         marker = f"{VERSION_MARKER}{run_id}"
@@ -173,6 +183,10 @@ class LocalStore:
         return {"marker": marker}
 
     def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
+        if unit.drop:
+            if os.path.lexists(unit.final()):  # else moved aside already, by a publish cut short
+                _move(unit.final(), unit.old(run_id))
+            return
         swap_in(unit.staged(run_id), unit.final(), unit.old(run_id), entry.get("marker"))
 
     def lock(self, root: str) -> Lock:
@@ -257,14 +271,15 @@ class S3Store:
                            else f"no {tree}/ under input root {root}")
         self._checked(root, f"input {root}/{tree}/", check)
 
-    def list_input(self, folder: str) -> List[Tuple[str, object, int]]:
-        """One flat listing: one LIST per 1,000 keys, never one per folder, sizes included. Names keep
-        folder's scheme, as Spark's own readers name them; a task opens (bucket, key)."""
+    def list_input(self, folder: str) -> List[Tuple[str, object, int, str]]:
+        """One flat listing: one LIST per 1,000 keys, never one per folder, sizes and ETags included. Names
+        keep folder's scheme, as Spark's own readers name them; a task opens (bucket, key)."""
         scheme = folder.split("://", 1)[0]
         bucket, prefix = split_s3(folder)
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-        return [(f"{scheme}://{bucket}/{item['Key']}", (bucket, item["Key"]), item["Size"]) for page in pages
+        return [(f"{scheme}://{bucket}/{item['Key']}", (bucket, item["Key"]), item["Size"], item["ETag"].strip('"'))
+                for page in pages
                 for item in page.get("Contents", []) if is_input_file(item["Key"][len(prefix) + 1 if prefix else 0:])]
 
     def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
@@ -332,6 +347,23 @@ class S3Store:
         in_flight(put, names)
         return len(names)
 
+    def download(self, path: str, folder: str, below: Sequence[str]) -> int:
+        """GETs the visible files below path whose relative key starts with one of the below folders, to
+        the same relative path below a local folder: one listing of path, one request per file, many at
+        once; returns how many."""
+        bucket, prefix = split_s3(path)
+        wanted = tuple(f"{name.strip('/')}/" for name in below)
+        keys = [key for key in self.keys(path) if key.startswith(wanted) and is_visible_file(key)]
+
+        def get(key: str) -> None:
+            target = os.path.join(folder, *key.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            body = self._client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()  # no HEAD first
+            with open(target, "wb") as handle:
+                handle.write(body)
+        in_flight(get, keys)
+        return len(keys)
+
     def prune(self, path: str) -> None:
         pass  # a folder on S3 is its keys: gone with the last of them
 
@@ -341,7 +373,7 @@ class S3Store:
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """The keys to copy in and, of the published ones, those to delete afterwards."""
         # Directory markers (keys ending in "/", kept by S3A: fs.s3a.directory.marker.retention) are not data.
-        new = [key for key in self.keys(unit.staged(run_id)) if key and not key.endswith("/")]
+        new = [] if unit.drop else [key for key in self.keys(unit.staged(run_id)) if key and not key.endswith("/")]
         return {"new": new, "old": sorted(set(self.keys(unit.final())) - set(new))}
 
     def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:

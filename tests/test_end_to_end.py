@@ -114,7 +114,8 @@ def test_log_has_one_line_per_phase_with_counts_and_seconds(sample_run):
     _, result = sample_run
     phase_line = re.compile(r" INFO (\S+(?: \S+)?)\s+(\d+\.\d)s  (.*)$")
     phases = {m.group(1): m.group(3) for m in map(phase_line.search, result.stderr.splitlines()) if m}
-    expected = ["start spark", "read song_data", "read log_data", "build tables", "quality gate", "publish"]
+    expected = ["list input", "start spark", "read song_data", "read log_data", "build tables", "quality gate",
+                "write state", "publish"]
     expected += [f"write {name}" for name in etl.TABLES]
     assert sorted(phases) == sorted(expected)
     assert phases["read song_data"] == "71 files, 71 records, 0 rejected"
