@@ -38,6 +38,7 @@ def publish(store: Store, units: Sequence[Unit], run_id: str, output_root: str, 
     publish that was killed half-way; the store adds what it needs to finish (on S3, the keys). A run that
     no longer holds the lake (lock.check) stops before the journal, or before the next unit. Raises
     PublishCutShort if it stops once the journal is written."""
+    units = store.gather(units, run_id)
     journal = {"run_id": run_id, "units": [{**vars(unit), **store.plan_publish(unit, run_id)} for unit in units]}
     if lock:
         lock.check()
@@ -59,24 +60,19 @@ def finish_publish(store: Store, journal: dict, lock: Optional[Lock] = None) -> 
         store.publish_unit(unit, journal["run_id"], entry)
         LOG.debug("published %s", unit.final())
         # Units come grouped by folder (a table's partitions, the lake's state): one pause point per group.
-        if index + 1 == len(entries) or top_folder(entries[index + 1]["name"]) != top_folder(unit.name):
-            pause_point(f"published {top_folder(unit.name)}")
+        if index + 1 == len(entries) or journal_unit(entries[index + 1]).folder() != unit.folder():
+            pause_point(f"published {unit.folder()}")
 
 
 def journal_unit(entry: dict) -> Unit:
     return Unit(entry["root"], entry["name"], entry.get("drop", False))
 
 
-def top_folder(name: str) -> str:
-    """The folder a unit belongs to: "songs" for "songs/year=2005/artist_id=AR1"."""
-    return name.split("/", 1)[0]
-
-
 def published_folders(units: Sequence[Unit]) -> List[str]:
     """The folders readers see that units change: each table or rejects tree once, however many of its
     partitions were published (not the lake's own "_" folders, such as its state)."""
-    return list(dict.fromkeys(join(unit.root, top_folder(unit.name)) for unit in units
-                              if not top_folder(unit.name).startswith(("_", "."))))
+    return list(dict.fromkeys(join(unit.root, unit.folder()) for unit in units
+                              if not unit.folder().startswith(("_", "."))))
 
 
 def open_staging(store: Store, output_root: str, run_id: str) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from lake.aws import S3_ATTEMPTS, AwsSettings, s3_client, s3_client_settings, s3_error
 from lake.errors import EtlError
@@ -44,6 +44,10 @@ class Unit:
 
     def old(self, run_id: str) -> str:
         return join(self.root, STAGING_DIR, run_id, OLD_VERSIONS_DIR, self.name)
+
+    def folder(self) -> str:
+        """The folder readers see that the unit belongs to: "songs" for "songs/year=2005/artist_id=AR1"."""
+        return self.name.split("/", 1)[0]
 
 
 try:
@@ -87,6 +91,9 @@ class Store(Protocol):
 
     def has_data(self, path: str) -> bool:
         """Whether a reader would see any file below path."""
+
+    def gather(self, units: Sequence[Unit], run_id: str) -> List[Unit]:
+        """The units as this store publishes them, once every one is staged."""
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """What the journal must hold to finish publishing unit after a crash."""
@@ -173,6 +180,21 @@ class LocalStore:
     def has_data(self, path: str) -> bool:
         return next(visible_files(path), None) is not None
 
+    def gather(self, units: Sequence[Unit], run_id: str) -> List[Unit]:
+        """Each folder's changed parts (a table's partitions, the state's segments) become the whole folder:
+        its unchanged files are hard-linked into its staging beside the new parts, so that one exchange
+        publishes it, and no reader ever sees a table with some partitions new and others old."""
+        gathered: Dict[Tuple[str, str], List[Unit]] = {}
+        for unit in units:
+            gathered.setdefault((unit.root, unit.folder()), []).append(unit)
+        whole = []
+        for (root, folder), parts in gathered.items():
+            unit = Unit(root, folder)
+            if unit not in parts:
+                _link_unchanged(unit.final(), unit.staged(run_id), {part.name[len(folder) + 1:] for part in parts})
+            whole.append(unit)
+        return whole
+
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         if unit.drop:
             return {}  # nothing staged: publishing it moves the published folder aside
@@ -194,6 +216,19 @@ class LocalStore:
 
     def unreachable(self, root: str) -> Optional[str]:
         return None
+
+
+def _link_unchanged(final: str, staged: str, changed: Set[str]) -> None:
+    """Hard links, in staged, to every file readers see in final outside the changed subfolders (staged, or
+    dropped): no data is copied, and the published files stay as they are."""
+    os.makedirs(staged, exist_ok=True)
+    for name in visible_files(final):
+        parents = name.split("/")[:-1]
+        if any("/".join(parents[:depth]) in changed for depth in range(1, len(parents) + 1)):
+            continue
+        target = os.path.join(staged, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.link(os.path.join(final, name), target)
 
 
 def swap_in(staged: str, final: str, old: str, marker: Optional[str] = None) -> None:
@@ -369,6 +404,9 @@ class S3Store:
 
     def has_data(self, path: str) -> bool:
         return any(map(is_visible_file, self.keys(path)))
+
+    def gather(self, units: Sequence[Unit], run_id: str) -> List[Unit]:
+        return list(units)  # no folder swap: each partition is published key by key anyway
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """The keys to copy in and, of the published ones, those to delete afterwards."""

@@ -308,14 +308,18 @@ def restore(publish_steps):
     return shutil.copytree(journaled, lake)
 
 
+# What today's run publishes, each folder whole in one exchange: the tables, both trees' rejects, the state.
+PUBLISHED_FOLDERS = len(etl.TABLES) + 2 + 1
+
+
 def test_the_local_publish_is_one_exchange_and_one_move_per_folder(publish_steps):
     _, _, _, steps, _ = publish_steps
     swaps = steps[1:]
-    assert len(swaps) == 2 * (len(etl.TABLES) + 2)  # the tables and both trees' rejects
+    assert len(swaps) == 2 * PUBLISHED_FOLDERS, swaps
     assert [call for call, _, _ in swaps] == ["renameat2", "rename"] * (len(swaps) // 2), swaps
 
 
-@pytest.mark.parametrize("step", range(1, 2 * (len(etl.TABLES) + 2) + 2))
+@pytest.mark.parametrize("step", range(1, 2 * PUBLISHED_FOLDERS + 2))
 def test_a_kill_at_any_rename_of_a_publish_leaves_each_table_whole_and_recovery_ends_it(
         versions, publish_steps, empty_config, tmp_path, step):
     """The publish of the journal left by today's run, as the next run's recovery does it first thing, killed
