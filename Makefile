@@ -16,7 +16,7 @@ DIST   := dist/lake.zip
 # Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 
-.PHONY: setup strace run submit emr dist lint check test bench bench-s3 bench-daily clean
+.PHONY: setup strace run submit emr dist lint check test bench bench-s3 bench-daily bench-daily-s3 clean
 
 setup: $(STAMP) $(JARS_MANIFEST) strace
 
@@ -85,3 +85,8 @@ bench-s3: setup
 # against a fresh full build and DuckDB's, side by side. Writes bench/results-daily.json.
 bench-daily: setup
 	$(PY) tools/bench_daily.py
+
+# The same on S3: tier 1, S3 to S3 through the latency proxy at 20 ms per request. Writes
+# bench/results-daily-s3.json.
+bench-daily-s3: setup
+	$(PY) tools/bench_daily.py --s3
