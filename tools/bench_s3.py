@@ -114,7 +114,7 @@ def by_phase(journal, log_path):
             end = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             windows.append((match.group(2), end - float(match.group(3)), end))
     phases = {}
-    for moment, operation, _bucket in journal:
+    for moment, operation, *_ in journal:
         name = next((name for name, start, end in windows if start - 0.05 <= moment <= end + 0.05),
                     "outside phases (preflight, lock, report)")
         phases.setdefault(name, {}).setdefault(operation, 0)
