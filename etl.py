@@ -1681,6 +1681,11 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         # written its table (the gate has passed: every write is to be published). Otherwise staged, then
         # published from staging (local renames, or S3 copies under spark-submit).
         direct = DirectPublish(store, to_publish, run_id, settings.output_root, lock) if spool else None
+        if direct:
+            # The state (which no reader sees) first, the rejects last: a reader's two-version window opens at
+            # the first PUT into a folder readers see, which is then the largest table's, once Spark has written
+            # it; the other tables are written while it goes up.
+            writes = sorted(writes, key=lambda item: item.kind == AS_JSON)
 
         def hand_over(item: Write, folder: str) -> None:
             require_spooled_data(item, folder)

@@ -147,9 +147,11 @@ class DirectPublish:
                                 if key.startswith(below) and not key.endswith("/")]
                 entry["old"] = sorted(set(entry["old"]) - set(entry["new"]))
         journal["committed"] = True
+        # From the commit mark's request on, only forward: a request that fails may still have landed, so
+        # the run never rolls back after it (abort), and the next run finds out which way to go.
+        self.committed, self.journal = True, journal
         try:
-            self.store.write_json(self.path, journal)  # the commit mark: from here on, only forward
-            self.committed, self.journal = True, journal
+            self.store.write_json(self.path, journal)
             pause_point("committed")
             self.deleted = roll_forward(self.store, journal, self.lock)
         except Exception as exc:
@@ -158,7 +160,8 @@ class DirectPublish:
     def abort(self) -> None:
         """The run failed (or lost its lease) before its commit mark: whatever it put in place is deleted,
         and its journal with it; raises PublishCutShort if that fails (the next run undoes it). Nothing to do
-        after the commit mark: the next run finishes that publish."""
+        once the commit mark was sent: the next run finishes that publish (or, if it never landed, undoes
+        it)."""
         if self.committed:
             return
         self._failed = self._failed or RuntimeError("aborted")

@@ -30,7 +30,7 @@ from lake.stores import STAGING_DIR
 PAUSE_TIMEOUT_S = 300
 LOCAL_KILLS = ["read", "gate", *[f"write {name}" for name in etl.TABLES], "publish", f"published {etl.SONGS}"]
 # On S3 under python etl.py (a full build, so that every table changes whole): before the journal (the
-# keys published now listed, nothing put); mid-upload (the rejects, the state and songs put in place under
+# keys published now listed, nothing put); mid-upload (the state and songs put in place under
 # the run's names, the other tables not); between the upload and the deletes (the commit mark written);
 # mid-delete (the rejects', the state's and songs' old keys deleted, the other tables' not).
 S3_KILLS = ["journal", f"uploaded {etl.SONGS}", "committed", f"published {etl.SONGS}"]
@@ -502,7 +502,7 @@ def test_a_kill_on_s3_leaves_old_or_old_and_new_files_and_the_next_run_rolls_bac
     prefixes, killed_run = s3_killed_lakes
     lake, env = f"s3://crash-bucket/{restore_prefix(client, prefixes[moment], 'killed')}", \
         {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
-    # Until the commit mark, new files are put beside the old ones (rejects, state, songs first); after it,
+    # Until the commit mark, new files are put beside the old ones (state, songs first, rejects last); after it,
     # the old ones go (songs' before the other tables'). A reader may see both versions' files in between,
     # never part of the old version without the whole new one.
     expected = {
