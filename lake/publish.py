@@ -127,12 +127,16 @@ class DirectPublish:
         LOG.debug("put %s in place", unit.final())
         pause_point(f"uploaded {unit.name}")
 
+    def wait(self) -> None:
+        """Waits for the uploads queued so far (and the journal); raises the first failure."""
+        self._jobs.append(self._worker.submit(self._begin))
+        for job in list(self._jobs):
+            job.result()
+
     def finish(self) -> None:
         """Waits for the uploads, writes the commit mark, deletes the old keys. Raises PublishCutShort if
         it stops once the commit mark may have been written."""
-        self._jobs.append(self._worker.submit(self._begin))
-        for job in self._jobs:
-            job.result()
+        self.wait()
         self._worker.shutdown()
         journal = dict(self.journal or {})
         _check(self.lock)
