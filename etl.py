@@ -1364,12 +1364,11 @@ def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
 
 
 def stage(writes: Sequence[Write], report: RunReport, spool: Optional[str] = None,
-          sink: Optional[Callable[[Write, str], Callable[[bool], None]]] = None) -> None:
+          sink: Optional[Callable[[Write, str], None]] = None) -> None:
     """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/, or with a
-    spool folder (S3 output under python etl.py) a local folder per write. sink(write, folder) is called as
-    Spark starts each write, and what it returns once Spark is done (with whether the write succeeded):
-    lake.publish's DirectPublish PUTs the files into place as Spark finishes them, and the rest while
-    Spark writes the next. Writes with the same label share a phase, with a pause point at its start."""
+    spool folder (S3 output under python etl.py) a local folder per write, handed to sink as soon as Spark
+    has written it (lake.publish's DirectPublish PUTs it into place while Spark writes the next). Writes
+    with the same label share a phase, with a pause point at its start."""
     written: List[Tuple[Unit, str]] = []
 
     def target(unit: Unit) -> str:
@@ -1381,20 +1380,14 @@ def stage(writes: Sequence[Write], report: RunReport, spool: Optional[str] = Non
     def write(item: Write) -> None:
         if item.frame is None:
             return
-        path = target(item.unit)
-        finished = sink(item, path) if sink else None
-        succeeded = False
-        try:
-            if item.kind == AS_JSON:  # rejects are few; one file per tree is easiest to inspect
-                item.frame.coalesce(1).write.mode("overwrite").json(path)
-            elif item.kind == AS_RECORDS:
-                item.frame.write.mode("overwrite").parquet(path)
-            else:
-                write_table(item.frame, path, item.partition_by)
-            succeeded = True
-        finally:
-            if finished:
-                finished(succeeded)
+        if item.kind == AS_JSON:  # rejects are few; one file per tree is easiest to inspect
+            item.frame.coalesce(1).write.mode("overwrite").json(target(item.unit))
+        elif item.kind == AS_RECORDS:
+            item.frame.write.mode("overwrite").parquet(target(item.unit))
+        else:
+            write_table(item.frame, target(item.unit), item.partition_by)
+        if sink:
+            sink(item, written[-1][1])
 
     index = 0
     while index < len(writes):
@@ -1694,15 +1687,9 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
             # it; the other tables are written while it goes up.
             writes = sorted(writes, key=lambda item: item.kind == AS_JSON)
 
-        def hand_over(item: Write, folder: str) -> Callable[[bool], None]:
-            stop = direct.watch(item.unit, folder)  # type: ignore[union-attr]
-
-            def finished(succeeded: bool) -> None:
-                stop()
-                if succeeded:
-                    require_spooled_data(item, folder)
-                    direct.upload(item.unit, folder)  # type: ignore[union-attr]
-            return finished
+        def hand_over(item: Write, folder: str) -> None:
+            require_spooled_data(item, folder)
+            direct.upload(item.unit, folder)  # type: ignore[union-attr]
 
         try:
             stage(writes, report, spool, hand_over if direct else None)

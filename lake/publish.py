@@ -4,23 +4,20 @@ A run writes every unit under <root>/_staging/<run id>/. Once every write and th
 the journal is written; from then on the publish is decided, and the next run finishes one that a crash
 cut short.
 """
-import glob
 import logging
 import os
 import sys
-import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from lake.lock import Lock
-from lake.paths import join, visible_files
+from lake.paths import join
 from lake.stores import STAGING_DIR, Store, Unit
 
 LOG = logging.getLogger("sparkify_etl")
 PUBLISH_JOURNAL = "_PUBLISH.json"
 RUN_MARKER = "_RUN.json"
 PAUSE_ENV = "SPARKIFY_PAUSE_AT"
-STREAM_POLL_S = 0.5  # how often a folder Spark is writing is looked at for finished files
 
 
 class PublishCutShort(Exception):
@@ -93,39 +90,13 @@ class DirectPublish:
         self.put = self.deleted = 0
         self.committed = self._journal_sent = False
         self._failed: Optional[BaseException] = None
-        self._streamed: Dict[str, set] = {}  # per spool folder, the names put while Spark was writing it
-        self._stops: List[threading.Event] = []
-        self._checked: set = set()  # the folders whose PUTs have had their lease check
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._listing = self._worker.submit(store.published_keys, self.units)  # type: ignore[attr-defined]
         self._jobs = [self._listing]
 
-    def watch(self, unit: Unit, folder: str) -> Callable[[], None]:
-        """While Spark writes folder: puts each file as soon as its task has committed it (Hadoop's
-        FileOutputCommitter moves a task's finished files to <folder>/_temporary/<n>/task_.../, and the
-        job commit moves them into folder), once the worker is free. Returns what stops it (before
-        upload(), which puts the rest)."""
-        stop = threading.Event()
-        self._stops.append(stop)
-        self._jobs.append(self._worker.submit(self._stream, unit, folder, stop))
-        return stop.set
-
-    def _stream(self, unit: Unit, folder: str, stop: threading.Event) -> None:
-        done = self._streamed.setdefault(folder, set())
-        while True:
-            last = stop.is_set()
-            files = {name: path for name, path in committed_files(folder).items() if name not in done}
-            if files:
-                self._step_in(lambda files=files: done.update(self.store.put_files(  # type: ignore[attr-defined]
-                    files, unit.final(), self.run_id, missing_ok=True)), folder)
-            if last:
-                self.put += len(done)
-                return
-            stop.wait(STREAM_POLL_S)
-
     def upload(self, unit: Unit, folder: str) -> None:
         """Queues the PUTs of a folder Spark has written, for unit's published folder (a table's, whose
-        partition units it may hold): the files not put while Spark was writing it."""
+        partition units it may hold)."""
         self._jobs.append(self._worker.submit(self._upload, unit, folder))
 
     def _step(self) -> None:
@@ -145,28 +116,14 @@ class DirectPublish:
         self._journal_sent = True
         self.store.write_json(self.path, self.journal)
 
-    def _step_in(self, step: Callable[[], None], folder: str) -> None:
-        """A step of the worker: after the journal and a lease check (once per folder: each is a write); a
-        failure stops every later step."""
+    def _upload(self, unit: Unit, folder: str) -> None:
         try:
             self._begin()
-            if folder not in self._checked:
-                self._step()
-                self._checked.add(folder)
-            elif self._failed:
-                raise RuntimeError("an earlier step of the publish failed")
-            step()
+            self._step()
+            self.put += self.store.put_files(folder, unit.final(), self.run_id)  # type: ignore[attr-defined]
         except BaseException as exc:
             self._failed = self._failed or exc
             raise
-
-    def _upload(self, unit: Unit, folder: str) -> None:
-        done = self._streamed.get(folder, set())
-        files = {name: os.path.join(folder, name) for name in visible_files(folder) if name not in done}
-
-        def put() -> None:
-            self.put += len(self.store.put_files(files, unit.final(), self.run_id))  # type: ignore[attr-defined]
-        self._step_in(put, folder)
         LOG.debug("put %s in place", unit.final())
         pause_point(f"uploaded {unit.name}")
 
@@ -212,8 +169,6 @@ class DirectPublish:
         if self.committed:
             return
         self._failed = self._failed or RuntimeError("aborted")
-        for stop in self._stops:
-            stop.set()
         self._worker.shutdown(wait=True, cancel_futures=True)
         if not self._journal_sent:
             return  # nothing was put in place
@@ -223,17 +178,6 @@ class DirectPublish:
             LOG.warning("the publish was undone: %d files this run had put in place deleted", withdrawn)
         except Exception as exc:
             raise PublishCutShort(exc) from exc
-
-
-def committed_files(folder: str) -> Dict[str, str]:
-    """{name below folder: local path} of the files Spark has finished in folder: those of its committed
-    tasks (<folder>/_temporary/<n>/task_.../), and those its job commit has moved into folder. Each is
-    complete: a task's files and the job's reach these places by rename."""
-    found = {name: os.path.join(folder, name) for name in visible_files(folder)}
-    for attempt in glob.glob(os.path.join(glob.escape(folder), "_temporary", "*", "task_*")):
-        for name in visible_files(attempt):
-            found.setdefault(name, os.path.join(attempt, name))
-    return found
 
 
 def roll_forward(store: Store, journal: dict, lock: Optional[Lock] = None) -> int:

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lake.aws import S3_ATTEMPTS, AwsSettings, s3_client, s3_client_settings, s3_error
 from lake.errors import EtlError
@@ -388,25 +388,17 @@ class S3Store:
                          [key[len(below) + 1:] for key in sorted(keys) if key.startswith(f"{below}/")])
         return found
 
-    def put_files(self, files: Mapping[str, str], target: str, run_id: str, missing_ok: bool = False) -> List[str]:
-        """PUTs local files ({name below target: local path}) into target, each under its spooled_key, one
-        request each, many at once; returns the names put. Each object is written once: nothing is copied
-        afterwards. missing_ok: a file gone from its path by then (moved by Spark's job commit) is skipped."""
+    def put_files(self, folder: str, target: str, run_id: str) -> int:
+        """PUTs every visible file below a local folder into target, under its spooled_key, one request
+        each, many at once; returns how many. Each object is written once: nothing is copied afterwards."""
         bucket, prefix = split_s3(target)
-        put_names: List[str] = []
+        names = list(visible_files(folder))
 
         def put(name: str) -> None:
-            try:
-                body = open(files[name], "rb")
-            except FileNotFoundError:
-                if missing_ok:
-                    return
-                raise
-            with body:
+            with open(os.path.join(folder, name), "rb") as body:
                 self._client.put_object(Bucket=bucket, Key=f"{prefix}/{spooled_key(name, run_id)}", Body=body)
-            put_names.append(name)
-        in_flight(put, list(files))
-        return put_names
+        in_flight(put, names)
+        return len(names)
 
     def withdraw(self, folders: Sequence[str], run_id: str) -> int:
         """Deletes every key below the folders that run_id put there (its spooled_keys): one listing per
