@@ -48,9 +48,9 @@ from lake.intake import (
     why_full,
 )
 from lake.lock import Lock
-from lake.paths import join, normalize_root
+from lake.paths import join, normalize_root, visible_files
 from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
-from lake.publish import PublishCutShort, open_staging, pause_point, publish, published_folders, recover
+from lake.publish import DirectPublish, PublishCutShort, open_staging, pause_point, publish, published_folders, recover
 from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
 from lake.stores import Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
@@ -1363,10 +1363,12 @@ def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
            [Unit(settings.output_root, name) for name in tables]
 
 
-def stage(writes: Sequence[Write], report: RunReport, store: Store, spool: Optional[str] = None) -> None:
-    """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/. With a
-    spool folder, Spark writes there (local disk) and the files are then uploaded to the staging prefix.
-    Writes with the same label share a phase, with a pause point at its start."""
+def stage(writes: Sequence[Write], report: RunReport, spool: Optional[str] = None,
+          sink: Optional[Callable[[Write, str], None]] = None) -> None:
+    """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/, or with a
+    spool folder (S3 output under python etl.py) a local folder per write, handed to sink as soon as Spark
+    has written it (lake.publish's DirectPublish PUTs it into place while Spark writes the next). Writes
+    with the same label share a phase, with a pause point at its start."""
     written: List[Tuple[Unit, str]] = []
 
     def target(unit: Unit) -> str:
@@ -1384,6 +1386,8 @@ def stage(writes: Sequence[Write], report: RunReport, store: Store, spool: Optio
             item.frame.write.mode("overwrite").parquet(target(item.unit))
         else:
             write_table(item.frame, target(item.unit), item.partition_by)
+        if sink:
+            sink(item, written[-1][1])
 
     index = 0
     while index < len(writes):
@@ -1403,9 +1407,6 @@ def stage(writes: Sequence[Write], report: RunReport, store: Store, spool: Optio
             table = label[len("write "):]
             if table in report.tables:
                 counts["rows"] = report.tables[table]["rows"]
-    if spool:
-        with phase(report, "upload") as counts:
-            counts["files"] = sum(store.upload(path, unit.staged(report.run_id)) for unit, path in written)
 
 
 def reject_writes(spark: SparkSession, copy: LakeCopy, settings: Settings, intakes: Mapping[str, TreeIntake],
@@ -1502,6 +1503,12 @@ def spool_folder(plan: RunPlan, run_id: str) -> Iterator[Optional[str]]:
         return
     with tempfile.TemporaryDirectory(prefix=f"sparkify-{run_id}-") as folder:
         yield folder
+
+
+def require_spooled_data(item: Write, folder: str) -> None:
+    """require_staged_data for one write Spark has just made to a local spool folder."""
+    if item.kind == AS_TABLE and item.unit.name in TABLES and next(visible_files(folder), None) is None:
+        raise EtlError(f"the write of {item.unit.name} left no data file in staging, though it has rows")
 
 
 def require_staged_data(store: Store, writes: Sequence[Write], run_id: str) -> None:
@@ -1670,17 +1677,42 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         previous = report.intake.get("previous_rows", {})
         report.intake["rows_added"] = {name: report.tables[name]["rows"] - previous.get(name, 0) for name in TABLES}
     with spool_folder(plan, run_id) as spool:
-        stage(writes, report, store, spool)
-    if not failed:
-        store.write_json(join(state_unit(settings, MANIFEST_UNIT).staged(run_id), MANIFEST_FILE), new_manifest(
-            run_id, JOB_VERSION, settings.partition_by, rejects_location(settings.output_root, settings.rejected_root),
-            list(intakes.values()), per_file,
-            {name: report.tables[name]["rows"] for name in TABLES}))
-    require_staged_data(store, writes, run_id)
-    with phase(report, "publish") as counts:
-        publish(store, to_publish, run_id, settings.output_root, lock)
-        report.published = published_folders(to_publish)
-        counts["folders"] = len(to_publish)
+        # S3 output spooled on local disk: each object PUT once, straight into place, as soon as Spark has
+        # written its table (the gate has passed: every write is to be published). Otherwise staged, then
+        # published from staging (local renames, or S3 copies under spark-submit).
+        direct = DirectPublish(store, to_publish, run_id, settings.output_root, lock) if spool else None
+        if direct:
+            # The state (which no reader sees) first, the rejects last: a reader's two-version window opens at
+            # the first PUT into a folder readers see, which is then the largest table's, once Spark has written
+            # it; the other tables are written while it goes up.
+            writes = sorted(writes, key=lambda item: item.kind == AS_JSON)
+
+        def hand_over(item: Write, folder: str) -> None:
+            require_spooled_data(item, folder)
+            direct.upload(item.unit, folder)  # type: ignore[union-attr]
+
+        try:
+            stage(writes, report, spool, hand_over if direct else None)
+            if not failed:
+                store.write_json(join(state_unit(settings, MANIFEST_UNIT).staged(run_id), MANIFEST_FILE),
+                                 new_manifest(run_id, JOB_VERSION, settings.partition_by,
+                                              rejects_location(settings.output_root, settings.rejected_root),
+                                              list(intakes.values()), per_file,
+                                              {name: report.tables[name]["rows"] for name in TABLES}))
+            if not direct:
+                require_staged_data(store, writes, run_id)
+            with phase(report, "publish") as counts:
+                if direct:
+                    direct.finish()
+                    counts["files put"], counts["old deleted"] = direct.put, direct.deleted
+                else:
+                    publish(store, to_publish, run_id, settings.output_root, lock)
+                report.published = published_folders(to_publish)
+                counts["folders"] = len(to_publish)
+        except Exception:
+            if direct:
+                direct.abort()  # before the commit mark: what was put in place goes again
+            raise
     report.status = "failed" if failed else "succeeded"
     return not failed
 

@@ -64,6 +64,154 @@ def finish_publish(store: Store, journal: dict, lock: Optional[Lock] = None) -> 
             pause_point(f"published {unit.folder()}")
 
 
+class DirectPublish:
+    """S3 output spooled on local disk (python etl.py): each object written once, straight into place.
+
+    Spark writes each unit's files to a local folder; upload() hands a folder over as soon as Spark has
+    written it, and one background worker PUTs its files into the unit's published folder under names of
+    this run (lake.stores.spooled_key), many at once, while Spark writes the next one. The quality gate has
+    passed by then: every write is one the run means to publish.
+    - The worker's first job, started at once, lists the keys published now (one listing per top folder):
+      while Spark works.
+    - Before the first PUT it writes the journal: the units, each with its old keys, and the rule that
+      names the new ones (this run's id in front of each file name).
+    - finish() waits for the last PUT, then writes the commit mark (the journal again, committed, with the
+      staged keys to copy: the manifest) and deletes the old keys, batched per top folder.
+    A crash before the commit mark is rolled back by the next run's recover (the new keys deleted), one
+    after it rolled forward (the old keys deleted). A run that fails before it, or loses its lease, rolls
+    itself back (abort)."""
+
+    def __init__(self, store: Store, units: Sequence[Unit], run_id: str, output_root: str,
+                 lock: Optional[Lock] = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store, self.units, self.run_id, self.lock = store, list(units), run_id, lock
+        self.path = journal_path(output_root, run_id)
+        self.journal: Optional[dict] = None
+        self.put = self.deleted = 0
+        self.committed = self._journal_sent = False
+        self._failed: Optional[BaseException] = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="publish")
+        self._listing = self._worker.submit(store.published_keys, self.units)  # type: ignore[attr-defined]
+        self._jobs = [self._listing]
+
+    def upload(self, unit: Unit, folder: str) -> None:
+        """Queues the PUTs of a folder Spark has written, for unit's published folder (a table's, whose
+        partition units it may hold)."""
+        self._jobs.append(self._worker.submit(self._upload, unit, folder))
+
+    def _step(self) -> None:
+        if self._failed:
+            raise RuntimeError("an earlier step of the publish failed")
+        _check(self.lock)
+
+    def _begin(self) -> None:
+        """The journal, once, before the first PUT."""
+        if self.journal is not None:
+            return
+        old = self._listing.result()
+        pause_point("journal")
+        self._step()
+        self.journal = {"run_id": self.run_id, "direct": True, "committed": False,
+                        "units": [{**vars(unit), "new": [], "old": keys} for unit, keys in zip(self.units, old)]}
+        self._journal_sent = True
+        self.store.write_json(self.path, self.journal)
+
+    def _upload(self, unit: Unit, folder: str) -> None:
+        try:
+            self._begin()
+            self._step()
+            self.put += self.store.put_files(folder, unit.final(), self.run_id)  # type: ignore[attr-defined]
+        except BaseException as exc:
+            self._failed = self._failed or exc
+            raise
+        LOG.debug("put %s in place", unit.final())
+        pause_point(f"uploaded {unit.name}")
+
+    def wait(self) -> None:
+        """Waits for the uploads queued so far (and the journal); raises the first failure."""
+        self._jobs.append(self._worker.submit(self._begin))
+        for job in list(self._jobs):
+            job.result()
+
+    def finish(self) -> None:
+        """Waits for the uploads, writes the commit mark, deletes the old keys. Raises PublishCutShort if
+        it stops once the commit mark may have been written."""
+        self.wait()
+        self._worker.shutdown()
+        journal = dict(self.journal or {})
+        _check(self.lock)
+        # What the run staged beside the spool (the manifest, written by write_json): copied in forward. One
+        # listing of the run's staging per root.
+        staged = {root: self.store.keys(join(root, STAGING_DIR, self.run_id))
+                  for root in dict.fromkeys(unit.root for unit in self.units)}
+        for entry in journal["units"]:
+            if not entry.get("drop"):
+                below = f"{entry['name']}/"
+                entry["new"] = [key[len(below):] for key in staged[entry["root"]]
+                                if key.startswith(below) and not key.endswith("/")]
+                entry["old"] = sorted(set(entry["old"]) - set(entry["new"]))
+        journal["committed"] = True
+        # From the commit mark's request on, only forward: a request that fails may still have landed, so
+        # the run never rolls back after it (abort), and the next run finds out which way to go.
+        self.committed, self.journal = True, journal
+        try:
+            self.store.write_json(self.path, journal)
+            pause_point("committed")
+            self.deleted = roll_forward(self.store, journal, self.lock)
+        except Exception as exc:
+            raise PublishCutShort(exc) from exc
+
+    def abort(self) -> None:
+        """The run failed (or lost its lease) before its commit mark: whatever it put in place is deleted,
+        and its journal with it; raises PublishCutShort if that fails (the next run undoes it). Nothing to do
+        once the commit mark was sent: the next run finishes that publish (or, if it never landed, undoes
+        it)."""
+        if self.committed:
+            return
+        self._failed = self._failed or RuntimeError("aborted")
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        if not self._journal_sent:
+            return  # nothing was put in place
+        try:
+            withdrawn = roll_back(self.store, {"run_id": self.run_id, "units": [vars(unit) for unit in self.units]})
+            self.store.remove(self.path.rsplit("/", 1)[0], [PUBLISH_JOURNAL])
+            LOG.warning("the publish was undone: %d files this run had put in place deleted", withdrawn)
+        except Exception as exc:
+            raise PublishCutShort(exc) from exc
+
+
+def roll_forward(store: Store, journal: dict, lock: Optional[Lock] = None) -> int:
+    """A committed in-place publish finished: the staged keys copied in (the manifest), then the old keys
+    deleted, batched per top folder (one DeleteObjects per 1,000 keys), with a pause point after each.
+    Idempotent. Returns how many keys it deleted."""
+    deleted = 0
+    groups: Dict[str, List[dict]] = {}
+    for entry in journal["units"]:
+        groups.setdefault(f"{entry['root']}|{top_folder(entry['name'])}", []).append(entry)
+    for entries in groups.values():
+        _check(lock)
+        for entry in entries:
+            if entry.get("new"):
+                unit = journal_unit(entry)
+                store.copy(unit.staged(journal["run_id"]), unit.final(), entry["new"])  # type: ignore[attr-defined]
+        deleted += store.remove_units([(journal_unit(entry), entry["old"]) for entry in entries])  # type: ignore
+        pause_point(f"published {top_folder(entries[0]['name'])}")
+    return deleted
+
+
+def roll_back(store: Store, journal: dict) -> int:
+    """An in-place publish stopped before its commit mark, undone: every key the run put below its units'
+    top folders (named by the run id) deleted. Idempotent. Returns how many."""
+    folders = dict.fromkeys(join(entry["root"], top_folder(entry["name"])) for entry in journal["units"])
+    return store.withdraw(list(folders), journal["run_id"])  # type: ignore[attr-defined]
+
+
+def _check(lock: Optional[Lock]) -> None:
+    if lock:
+        lock.check()
+
+
 def journal_unit(entry: dict) -> Unit:
     return Unit(entry["root"], entry["name"], entry.get("drop", False))
 
@@ -90,9 +238,15 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
     dead_runs = store.children(staging)
     for run_id in dead_runs:
         journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
-        if journal:
+        if journal and journal.get("direct") and not journal.get("committed"):
+            LOG.warning("undoing the publish of run %s, which was stopped before its commit mark", run_id)
+            roll_back(store, journal)
+        elif journal:
             LOG.warning("finishing the publish of run %s, which was stopped half-way", run_id)
-            finish_publish(store, journal, lock)
+            if journal.get("direct"):
+                roll_forward(store, journal, lock)
+            else:
+                finish_publish(store, journal, lock)
             finished[run_id] = published_folders([journal_unit(entry) for entry in journal["units"]])
     for run_id in dead_runs:
         clear_staging(store, roots, output_root, run_id)

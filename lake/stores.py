@@ -370,18 +370,6 @@ class S3Store:
                                      CopySource={"Bucket": source_bucket, "Key": f"{source_prefix}/{key}"})
         in_flight(copy_one, keys)
 
-    def upload(self, folder: str, target: str) -> int:
-        """PUTs every visible file below a local folder to the same relative key below target, one request
-        each, many at once; returns how many."""
-        bucket, prefix = split_s3(target)
-        names = list(visible_files(folder))
-
-        def put(name: str) -> None:
-            with open(os.path.join(folder, name), "rb") as body:
-                self._client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
-        in_flight(put, names)
-        return len(names)
-
     def download(self, path: str, folder: str, below: Sequence[str]) -> int:
         """GETs the visible files below path whose relative key starts with one of the below folders, to
         the same relative path below a local folder: one listing of path, one request per file, many at
@@ -419,6 +407,60 @@ class S3Store:
         self.copy(unit.staged(run_id), unit.final(), entry["new"])
         self.remove(unit.final(), entry["old"])
 
+    # Publishing in place (S3 output spooled on local disk, python etl.py: lake.publish.DirectPublish). Each
+    # spooled file is PUT once, straight into its unit's folder, under a name of this run (spooled_key).
+
+    def published_keys(self, units: Sequence[Unit]) -> List[List[str]]:
+        """Per unit, the keys below its folder now (relative to it): one listing of each top folder (a
+        table, a rejects tree, the state), never one per partition unit."""
+        listed: Dict[str, List[str]] = {}
+        for unit in units:
+            top = join(unit.root, unit.name.split("/", 1)[0])
+            if top not in listed:
+                listed[top] = self.keys(top)
+        found = []
+        for unit in units:
+            top, _, below = unit.name.partition("/")
+            keys = listed[join(unit.root, top)]
+            found.append(sorted(keys) if not below else
+                         [key[len(below) + 1:] for key in sorted(keys) if key.startswith(f"{below}/")])
+        return found
+
+    def put_files(self, folder: str, target: str, run_id: str) -> int:
+        """PUTs every visible file below a local folder into target, under its spooled_key, one request
+        each, many at once; returns how many. Each object is written once: nothing is copied afterwards."""
+        bucket, prefix = split_s3(target)
+        names = list(visible_files(folder))
+
+        def put(name: str) -> None:
+            with open(os.path.join(folder, name), "rb") as body:
+                self._client.put_object(Bucket=bucket, Key=f"{prefix}/{spooled_key(name, run_id)}", Body=body)
+        in_flight(put, names)
+        return len(names)
+
+    def withdraw(self, folders: Sequence[str], run_id: str) -> int:
+        """Deletes every key below the folders that run_id put there (its spooled_keys): one listing per
+        folder, one DeleteObjects per 1,000 keys. Returns how many."""
+        total = 0
+        for folder in folders:
+            mine = [key for key in self.keys(folder) if is_spooled_by(key, run_id)]
+            self.remove(folder, mine)
+            total += len(mine)
+        return total
+
+    def remove_units(self, entries: Sequence[Tuple[Unit, Sequence[str]]]) -> int:
+        """Deletes, below each unit's folder, the keys given: all of them batched together, one
+        DeleteObjects per 1,000 keys (per bucket), however many units they come from. Returns how many."""
+        by_bucket: Dict[str, List[str]] = {}
+        for unit, keys in entries:
+            bucket, prefix = split_s3(unit.final())
+            by_bucket.setdefault(bucket, []).extend(f"{prefix}/{key}" for key in keys)
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), S3_DELETE_BATCH):
+                batch = [{"Key": key} for key in keys[start:start + S3_DELETE_BATCH]]
+                self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        return sum(len(keys) for keys in by_bucket.values())
+
     def lock(self, root: str) -> Lock:
         return S3Lease(self._client, root)
 
@@ -432,6 +474,18 @@ class S3Store:
         except Exception:
             return f"cannot reach S3 at {self._aws.endpoint or 'the AWS endpoint'}"
         return None
+
+
+def spooled_key(name: str, run_id: str) -> str:
+    """The key, below its unit's folder, of a file spooled as name: the run id in front of its file name
+    ("year=2005/<run id>-part-00000.parquet"). No run's file ever replaces another's, so a publish undone
+    deletes only what it added, and the name never starts with "_" or "." (run ids start with a digit)."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{run_id}-{base}" if folder else f"{run_id}-{base}"
+
+
+def is_spooled_by(key: str, run_id: str) -> bool:
+    return key.rpartition("/")[2].startswith(f"{run_id}-")
 
 
 def in_flight(request: Callable[[str], None], keys: Sequence[str]) -> None:

@@ -244,6 +244,10 @@ class LatencyProxy:
     def counts(self):
         return self._call("GET", "counts")
 
+    def journal(self):
+        """[(time, operation, bucket, key), ...] of every request, if started with --journal."""
+        return self._call("GET", "journal")["journal"]
+
     def die(self):
         self._call("POST", "die")
 

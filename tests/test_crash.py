@@ -22,13 +22,19 @@ import pytest
 import etl
 from conftest import ETL, SAMPLE
 from lake.lock import LEASE_NAME
+from lake.paths import is_visible_file
 from lake.publish import PAUSE_ENV, PUBLISH_JOURNAL
 from lake.report import REPORT_NAME, RUNS_DIR
 from lake.stores import STAGING_DIR
 
 PAUSE_TIMEOUT_S = 300
 LOCAL_KILLS = ["read", "gate", *[f"write {name}" for name in etl.TABLES], "publish", f"published {etl.SONGS}"]
-S3_KILLS = [f"write {etl.SONGS}", f"published {etl.SONGS}"]
+# On S3 under python etl.py (a full build, so that every table changes whole): before the journal (the
+# keys published now listed, nothing put); mid-upload (the state and songs put in place under
+# the run's names, the other tables not); between the upload and the deletes (the commit mark written);
+# mid-delete (the rejects', the state's and songs' old keys deleted, the other tables' not).
+S3_KILLS = ["journal", f"uploaded {etl.SONGS}", "committed", f"published {etl.SONGS}"]
+ROLLED_BACK = S3_KILLS[:2]
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIACRASHTEST", "AWS_SECRET_ACCESS_KEY": "crash-secret", "AWS_REGION": "us-east-1"}
 
 
@@ -430,35 +436,149 @@ def download(client, prefix, target):
 
 @pytest.fixture(scope="module")
 def s3_killed_lakes(s3_versions, s3_endpoint, empty_config):
-    """As killed_lakes, on S3: the prefix holding the lake at each of S3_KILLS (copied server-side while the
-    run waited there; at the last moment, the lake the run wrote to, after the kill)."""
+    """As killed_lakes, on S3: a prefix holding a copy of the lake at each of S3_KILLS (copied server-side
+    while the run waited there; at the last moment, after the kill), and the killed run's id."""
     client, _, _ = s3_versions
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
-    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", s3_lake(client, "killed"),
+    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", s3_lake(client, "killed"), "--full",
                     pause=S3_KILLS, env=env)
-    prefixes = {S3_KILLS[-1]: "killed"}
+    prefixes = {}
 
     def look(moment):
         if moment != S3_KILLS[-1]:
             prefixes[moment] = copy_prefix(client, "killed", moment.replace(" ", "-"))
 
     visit_pauses(process, S3_KILLS, look)
-    return prefixes
+    prefixes[S3_KILLS[-1]] = copy_prefix(client, "killed", S3_KILLS[-1].replace(" ", "-"))
+    report = client.get_object(Bucket="crash-bucket", Key=f"killed/{REPORT_NAME}")["Body"].read()
+    return prefixes, json.loads(report)["run_id"]
+
+
+def clear_prefix(client, prefix):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="crash-bucket", Prefix=f"{prefix}/"):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket="crash-bucket", Delete={"Objects": keys})
+
+
+def restore_prefix(client, source, target):
+    """target/ made a copy of source/ again: a journal names the lake's own prefix, so a killed run's lake
+    is looked at, and run again, where the run left it."""
+    clear_prefix(client, target)
+    return copy_prefix(client, source, target)
+
+
+def mixed(old, new, both=()):
+    """Each table's rows as a reader sees them while the tables in both show both versions' files."""
+    return {name: sorted(old[name] + new[name]) if name in both else old[name] for name in etl.TABLES}
+
+
+def lake_keys(client, prefix):
+    """The keys of the lake itself below prefix, relative to it: tables, rejects and state (not the
+    lease, reports or staging)."""
+    found = set()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="crash-bucket", Prefix=f"{prefix}/"):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix) + 1:]
+            if relative.split("/", 1)[0] in (*etl.TABLES, etl.REJECTED_DIR, etl.STATE_DIR) and "/" in relative:
+                found.add(relative)
+    return found
+
+
+def foreign_keys(client, prefix, run_id):
+    """Files below the tables, rejects and state that the given run did not write (its keys are named
+    <run id>-...): what a publish left behind."""
+    found = []
+    for key in lake_keys(client, prefix):
+        top, below = key.split("/", 1)
+        if top == etl.REJECTED_DIR:
+            top, below = key.split("/", 2)[1], key.split("/", 2)[2]
+        manifest = key == f"{etl.MANIFEST_UNIT}/{etl.MANIFEST_FILE}"  # copied in: the one key not named by run
+        if is_visible_file(below) and not manifest and not below.rsplit("/", 1)[-1].startswith(f"{run_id}-"):
+            found.append(key)
+    return found
 
 
 @pytest.mark.parametrize("moment", S3_KILLS)
-def test_a_kill_on_s3_leaves_every_table_whole_and_the_next_run_finishes(s3_versions, s3_killed_lakes, s3_endpoint,
-                                                                         empty_config, tmp_path, moment):
+def test_a_kill_on_s3_leaves_old_or_old_and_new_files_and_the_next_run_rolls_back_or_forward(
+        s3_versions, s3_killed_lakes, s3_endpoint, empty_config, tmp_path, moment):
     client, old, new = s3_versions
-    name = s3_killed_lakes[moment]
-    lake, env = f"s3://crash-bucket/{name}", {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
-    current = assert_each_table_is_one_version(download(client, name, tmp_path / "killed"), old, new)
-    assert current[etl.SONGS] == (new if moment.startswith("published") else old)[etl.SONGS]
+    prefixes, killed_run = s3_killed_lakes
+    lake, env = f"s3://crash-bucket/{restore_prefix(client, prefixes[moment], 'killed')}", \
+        {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    # Until the commit mark, new files are put beside the old ones (state, songs first, rejects last); after it,
+    # the old ones go (songs' before the other tables'). A reader may see both versions' files in between,
+    # never part of the old version without the whole new one.
+    expected = {
+        "journal": old,
+        f"uploaded {etl.SONGS}": mixed(old, new, both=[etl.SONGS]),
+        "committed": mixed(old, new, both=etl.TABLES),
+        f"published {etl.SONGS}": {**mixed(old, new, both=etl.TABLES), etl.SONGS: new[etl.SONGS]},
+    }[moment]
+    assert snapshot(download(client, "killed", tmp_path / "killed")) == expected
 
-    assert run(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, env=env)[0] == 0
-    after = download(client, name, tmp_path / "after")
+    # The next run's recovery alone: before the commit mark, exactly the old lake's keys again; after it,
+    # only the killed run's (and the manifest it copied in).
+    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, pause=["recovered"], env=env)
+    try:
+        wait_for_pause(process, "recovered")
+        if moment in ROLLED_BACK:
+            assert lake_keys(client, "killed") == lake_keys(client, "lake-old")
+        else:
+            assert foreign_keys(client, "killed", killed_run) == []
+            assert snapshot(download(client, "killed", tmp_path / "recovered")) == new
+        resume(process)
+        _, stderr = process.communicate(timeout=PAUSE_TIMEOUT_S)
+    finally:
+        kill(process)
+    assert process.returncode == 0, stderr[-3000:]
+    after = download(client, "killed", tmp_path / "after")
     assert snapshot(after) == new and staged_leftovers(after) == []
     assert not (after / LEASE_NAME).exists()
+
+
+THIEF = {"run_id": "20261129T000000Z-0123abcd", "host": "elsewhere", "pid": 1, "token": "thief"}
+
+
+def run_robbed_at(config, s3_endpoint, client, name, moment, *args, look=None):
+    """A run over a copy of yesterday's lake under name/ whose lease another run (THIEF) takes over while it
+    waits at moment (as one would that found it stale: the paused run's clock, say, or a stalled machine),
+    after look(); resumed, it goes on to its end. Returns (exit status, stderr)."""
+    lake, env = s3_lake(client, name), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    process = start(config, "--input", "s3://crash-bucket/new", "--output", lake, *args, pause=[moment], env=env)
+    try:
+        wait_for_pause(process, moment)
+        if look:
+            look()
+        client.put_object(Bucket="crash-bucket", Key=f"{name}/{LEASE_NAME}",
+                          Body=json.dumps({**THIEF, "expires_at": time.time() + 600}))
+        resume(process)
+        stderr = process.stderr.read()
+        return process.wait(timeout=PAUSE_TIMEOUT_S), stderr
+    finally:
+        kill(process)
+
+
+def test_a_run_that_loses_its_lease_after_some_puts_undoes_them_and_leaves_the_old_lake_exactly(
+        s3_versions, s3_endpoint, empty_config, tmp_path):
+    """Paused once songs are put in place, the run's lease is taken over; resumed, it stops before its
+    next PUT, deletes what it put and its journal: the lake's keys are the old lake's, exactly."""
+    client, old, _ = s3_versions
+
+    def some_puts_made():
+        assert lake_keys(client, "undone") > lake_keys(client, "lake-old")
+
+    status, stderr = run_robbed_at(empty_config, s3_endpoint, client, "undone", f"uploaded {etl.SONGS}", "--full",
+                                   look=some_puts_made)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 1 and "lost its lease" in errors[-1] and errors[-1].endswith("; nothing was published"), \
+        stderr[-3000:]
+    assert "the publish was undone" in stderr
+    assert lake_keys(client, "undone") == lake_keys(client, "lake-old")
+    assert snapshot(download(client, "undone", tmp_path / "after")) == old
+    journals = [item["Key"] for item in client.list_objects_v2(Bucket="crash-bucket", Prefix="undone/").get(
+        "Contents", []) if item["Key"].endswith(PUBLISH_JOURNAL)]
+    assert journals == []
 
 
 def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(s3_versions, s3_endpoint, empty_config):
@@ -481,18 +601,7 @@ def test_a_run_that_lost_its_lease_publishes_nothing(s3_versions, s3_endpoint, e
     """The run is paused at the gate while another run takes its lease over (as one would that found it
     stale: the paused run's clock, say, or a stalled machine); resumed, it stops at its publish."""
     client, old, _ = s3_versions
-    lake, env = s3_lake(client, "lost-lease"), {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
-    process = start(empty_config, "--input", "s3://crash-bucket/new", "--output", lake, pause=["gate"], env=env)
-    try:
-        wait_for_pause(process, "gate")
-        thief = {"run_id": "20261129T000000Z-0123abcd", "host": "elsewhere", "pid": 1, "token": "thief",
-                 "expires_at": time.time() + 600}
-        client.put_object(Bucket="crash-bucket", Key=f"lost-lease/{LEASE_NAME}", Body=json.dumps(thief))
-        resume(process)
-        stderr = process.stderr.read()
-        status = process.wait(timeout=PAUSE_TIMEOUT_S)
-    finally:
-        kill(process)
+    status, stderr = run_robbed_at(empty_config, s3_endpoint, client, "lost-lease", "gate")
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert status == 1 and errors == [stderr.strip().splitlines()[-1]], stderr[-3000:]
     assert "lost its lease" in errors[0] and "run 20261129T000000Z-0123abcd on elsewhere" in errors[0], errors
@@ -500,5 +609,5 @@ def test_a_run_that_lost_its_lease_publishes_nothing(s3_versions, s3_endpoint, e
 
     after = download(client, "lost-lease", tmp_path / "after")
     assert snapshot(after) == old and staged_leftovers(after) == []
-    assert json.loads((after / LEASE_NAME).read_text())["run_id"] == thief["run_id"]
+    assert json.loads((after / LEASE_NAME).read_text())["run_id"] == THIEF["run_id"]
     assert json.loads((after / REPORT_NAME).read_text())["status"] == "running"  # the latest is not the loser's to end

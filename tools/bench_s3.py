@@ -114,7 +114,7 @@ def by_phase(journal, log_path):
             end = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             windows.append((match.group(2), end - float(match.group(3)), end))
     phases = {}
-    for moment, operation, _bucket in journal:
+    for moment, operation, *_ in journal:
         name = next((name for name, start, end in windows if start - 0.05 <= moment <= end + 0.05),
                     "outside phases (preflight, lock, report)")
         phases.setdefault(name, {}).setdefault(operation, 0)
@@ -122,24 +122,47 @@ def by_phase(journal, log_path):
     return phases
 
 
-def run_ours(name, proxy, s3, work):
+WRITES = ("PUT", "COPY", "DELETE", "BULK_DELETE", "MPU_INIT", "MPU_PART", "MPU_COMPLETE")
+# The folders readers see: the tables and the rejects.
+READ_FOLDERS = (*(f"{name}/" for name in ("songs", "artists", "users", "time", "songplays")),
+                "_rejected/song_data/", "_rejected/log_data/")
+
+
+def two_versions(journal, prefix):
+    """From the proxy's journal, the window in which a reader may see two runs' files: from the first request
+    that makes a new file visible (PUT or COPY into a table's or rejects' folder) to the last delete of an
+    old one there (a DeleteObjects is journaled by its first key). None if nothing old was deleted."""
+    visible = [(moment, operation) for moment, operation, bucket, key in journal
+               if bucket == "bench-lake" and key.startswith(prefix) and key[len(prefix):].startswith(READ_FOLDERS)]
+    first = min((moment for moment, operation in visible if operation in ("PUT", "COPY")), default=None)
+    last = max((moment for moment, operation in visible if operation in ("DELETE", "BULK_DELETE")), default=None)
+    return round(last - first, 1) if first and last else None
+
+
+def run_ours(name, proxy, s3, work, rebuild=False):
+    """python etl.py into {name}-ours; rebuild: again, with --full, over the lake the first run left (the
+    publish then deletes a whole old version: the two-version window)."""
     output = f"s3a://bench-lake/{name}-ours"
     config = work / "empty.cfg"
     config.write_text("[AWS]\n[PATHS]\n")
     control(proxy, "reset", "POST")
+    label = f"{name}-ours-rebuild" if rebuild else f"{name}-ours"
     figures = measure([PY, ROOT / "etl.py", "--config", config, "--input", f"s3://bench-in/{name}/",
-                       "--output", output], work / f"{name}-ours.log", {**KEYS, "AWS_ENDPOINT_URL": proxy})
+                       "--output", output, *(["--full"] if rebuild else [])], work / f"{label}.log",
+                      {**KEYS, "AWS_ENDPOINT_URL": proxy})
     counts, journal = control(proxy, "counts"), control(proxy, "journal")["journal"]
     report = json.loads(s3.get_object(Bucket="bench-lake", Key=f"{name}-ours/_run_report.json")["Body"].read())
     objects = len(keys(s3, "bench-lake", f"{name}-ours/"))
     files = report["input"]["song_files"] + report["input"]["log_files"]
     reading = counts["by_bucket"].get("bench-in", {})
     writing = counts["by_bucket"].get("bench-lake", {})
-    return {"name": f"{name}-ours", **figures, "phases_s": report["phases_s"], "input_files": files,
+    return {"name": label, **figures, "phases_s": report["phases_s"], "input_files": files,
             "objects_written": objects, "requests": counts["requests"], "reading": reading, "writing": writing,
             "reading_per_input_file": round(sum(reading.values()) / files, 3),
             "writing_per_output_object": round(sum(writing.values()) / objects, 3),
-            "requests_by_phase": by_phase(journal, work / f"{name}-ours.log")}
+            "write_requests_per_output_object": round(sum(writing.get(op, 0) for op in WRITES) / objects, 3),
+            "two_version_window_s": two_versions(journal, f"{name}-ours/"),
+            "requests_by_phase": by_phase(journal, work / f"{label}.log")}
 
 
 def run_floor(name, proxy, objects):
@@ -170,10 +193,12 @@ def run_baseline(name, proxy, work, timeout_s):
 
 
 def table(runs):
-    rows = ["| input | ours | floor (boto3, 64 in flight) | ours / floor | naive baseline | baseline / ours |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| input | ours | floor (boto3, 64 in flight) | ours / floor | write requests per object | "
+            "rebuild over the lake (--full) | its two-version window | naive baseline | baseline / ours |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name in ("sample", "tier1"):
-        ours, floor, base = (runs.get(f"{name}-{kind}") for kind in ("ours", "floor", "baseline"))
+        ours, floor, base, again = (runs.get(f"{name}-{kind}")
+                                    for kind in ("ours", "floor", "baseline", "ours-rebuild"))
         if not ours:
             continue
         if base and base["wall_s"]:
@@ -183,7 +208,10 @@ def table(runs):
             ratio = f"> {base['timed_out_after_s'] / ours['wall_s']:.1f}x"
         else:
             base_text = ratio = "not run"
+        rebuild = f"{again['wall_s']} s ({again['wall_s'] / floor['wall_s']:.2f}x)" if again else "not run"
+        window = f"{again['two_version_window_s']} s" if again else "not run"
         rows.append(f"| {name} | {ours['wall_s']} s | {floor['wall_s']} s | {ours['wall_s'] / floor['wall_s']:.2f}x "
+                    f"| {ours.get('write_requests_per_output_object')} | {rebuild} | {window} "
                     f"| {base_text} | {ratio} |")
     return "\n".join(rows)
 
@@ -214,6 +242,8 @@ def main():
             print(json.dumps(runs[f"{name}-ours"], indent=1), flush=True)
             runs[f"{name}-floor"] = run_floor(name, proxy, runs[f"{name}-ours"]["objects_written"])
             print(json.dumps(runs[f"{name}-floor"]), flush=True)
+            runs[f"{name}-ours-rebuild"] = run_ours(name, proxy, direct, work, rebuild=True)
+            print(json.dumps(runs[f"{name}-ours-rebuild"], indent=1), flush=True)
             if not args.skip_baseline:
                 runs[f"{name}-baseline"] = run_baseline(name, proxy, work, args.baseline_timeout)
                 print(json.dumps(runs[f"{name}-baseline"]), flush=True)

@@ -9,7 +9,8 @@
   `POST /__proxy__/die` makes the endpoint disappear: open connections are reset, new ones refused.
 - It counts requests by S3 operation (LIST, GET, HEAD, PUT, COPY, MPU_INIT, MPU_PART, MPU_COMPLETE,
   DELETE, BULK_DELETE, ...), in all and per bucket: `GET /__proxy__/counts`, `POST /__proxy__/reset`
-  (zeroes the counts); with --journal, `GET /__proxy__/journal` gives each request's time too.
+  (zeroes the counts); with --journal, `GET /__proxy__/journal` gives each request's time and key too
+  (a DeleteObjects: its first key).
   Only requests that reach the server are counted; faults are counted apart.
 
 Prints `listening on http://127.0.0.1:PORT` once it accepts connections. Standard library only.
@@ -61,6 +62,16 @@ def operation(method, target, headers):
     if method == "DELETE":
         return "MPU_ABORT" if "uploadId" in query else "DELETE"
     return method
+
+
+def request_key(target, name, body):
+    """The key a request is about (path-style: /bucket/key), or a DeleteObjects' first key; "" for none."""
+    if name == "BULK_DELETE":
+        start = body.find(b"<Key>")
+        return body[start + 5:body.find(b"</Key>", start)].decode("utf-8", "replace") if start >= 0 else ""
+    from urllib.parse import unquote
+
+    return unquote(urlsplit(target).path.split("/", 2)[2]) if urlsplit(target).path.count("/") >= 2 else ""
 
 
 def read_message(sock, buffer):
@@ -139,7 +150,7 @@ class Proxy:
         self.reset_every, self.slowdown_every = reset_every, slowdown_every
         self.counts = Counter()
         self.by_bucket = {}  # bucket -> Counter: input and output buckets apart
-        self.journal = [] if journal else None  # (time, operation, bucket) of every request, when asked for
+        self.journal = [] if journal else None  # (time, operation, bucket, key) of every request, when asked for
         self.faults = Counter()
         self._lock = threading.Lock()
         self._connections = 0
@@ -223,7 +234,7 @@ class Proxy:
             self.counts[name] += 1
             self.by_bucket.setdefault(bucket, Counter())[name] += 1
             if self.journal is not None:
-                self.journal.append((time.time(), name, bucket))
+                self.journal.append((time.time(), name, bucket, request_key(target, name, body)))
         return self._forward(head, body, method)
 
     def _forward(self, head, body, method):
@@ -256,7 +267,7 @@ class Proxy:
                 document = {"requests": dict(self.counts), "total": sum(self.counts.values()),
                             "by_bucket": {name: dict(counts) for name, counts in self.by_bucket.items()},
                             "faults": dict(self.faults)}
-        elif command == "journal":  # [[unix time, operation, bucket], ...] since the last reset
+        elif command == "journal":  # [[unix time, operation, bucket, key], ...] since the last reset
             with self._lock:
                 document = {"journal": list(self.journal or [])}
         elif command == "reset" and method == "POST":
