@@ -188,7 +188,7 @@ def roll_forward(store: Store, journal: dict, lock: Optional[Lock] = None) -> in
     deleted = 0
     groups: Dict[str, List[dict]] = {}
     for entry in journal["units"]:
-        groups.setdefault(f"{entry['root']}|{top_folder(entry['name'])}", []).append(entry)
+        groups.setdefault(f"{entry['root']}|{journal_unit(entry).folder()}", []).append(entry)
     for entries in groups.values():
         _check(lock)
         for entry in entries:
@@ -196,14 +196,14 @@ def roll_forward(store: Store, journal: dict, lock: Optional[Lock] = None) -> in
                 unit = journal_unit(entry)
                 store.copy(unit.staged(journal["run_id"]), unit.final(), entry["new"])  # type: ignore[attr-defined]
         deleted += store.remove_units([(journal_unit(entry), entry["old"]) for entry in entries])  # type: ignore
-        pause_point(f"published {top_folder(entries[0]['name'])}")
+        pause_point(f"published {journal_unit(entries[0]).folder()}")
     return deleted
 
 
 def roll_back(store: Store, journal: dict) -> int:
     """An in-place publish stopped before its commit mark, undone: every key the run put below its units'
     top folders (named by the run id) deleted. Idempotent. Returns how many."""
-    folders = dict.fromkeys(join(entry["root"], top_folder(entry["name"])) for entry in journal["units"])
+    folders = dict.fromkeys(join(entry["root"], journal_unit(entry).folder()) for entry in journal["units"])
     return store.withdraw(list(folders), journal["run_id"])  # type: ignore[attr-defined]
 
 
