@@ -145,16 +145,17 @@ def main_s3(args):
         for process in processes:
             process.kill()
     lake_in = daily["by_bucket"].get("bench-in", {})
-    written = sum(1 for phase in daily["requests_by_phase"].values() for op, n in phase.items() if op == "PutObject")
+    written = sum(n for phase in daily["requests_by_phase"].values() for op, n in phase.items() if op == "PUT")
     results = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": SEED,
         "delay_ms": args.delay_ms, "machine": bench.machine(), "new_day": {"files": arrived},
         "runs": [built, daily, full], "tables_equal": True,
-        "daily": {"requests": daily["requests"], "input_requests": sum(lake_in.values()),
+        "daily": {"requests": sum(daily["requests"].values()), "input_requests": sum(lake_in.values()),
                   "lake_requests": sum(daily["by_bucket"].get("bench-lake", {}).values()),
                   "put_requests": written},
         "ratios": {"daily / full build, wall": round(daily["wall_s"] / full["wall_s"], 3),
-                   "daily / full build, requests": round(daily["requests"] / full["requests"], 3)},
+                   "daily / full build, requests": round(sum(daily["requests"].values())
+                                                         / sum(full["requests"].values()), 3)},
     }
     path = Path(args.results).with_name("results-daily-s3.json") if args.results == DEFAULT_RESULTS \
         else Path(args.results)
