@@ -1507,17 +1507,21 @@ def spool_folder(plan: RunPlan, run_id: str) -> Iterator[Optional[str]]:
 
 def require_spooled_data(item: Write, folder: str) -> None:
     """require_staged_data for one write Spark has just made to a local spool folder."""
-    if item.kind == AS_TABLE and item.unit.name in TABLES and next(visible_files(folder), None) is None:
-        raise EtlError(f"the write of {item.unit.name} left no data file in staging, though it has rows")
+    _require_data(item, lambda: next(visible_files(folder), None) is not None)
 
 
 def require_staged_data(store: Store, writes: Sequence[Write], run_id: str) -> None:
     """The gate saw rows in every table; a staged table without a data file means a committer lost them
     (say, a staging committer on a cluster without a shared file system). Never publish that."""
     for item in writes:
-        if item.frame is not None and item.kind == AS_TABLE and item.unit.name in TABLES \
-                and not store.has_data(item.unit.staged(run_id)):
-            raise EtlError(f"the write of {item.unit.name} left no data file in staging, though it has rows")
+        if item.frame is not None:
+            _require_data(item, lambda item=item: store.has_data(item.unit.staged(run_id)))
+
+
+def _require_data(item: Write, has_data: Callable[[], bool]) -> None:
+    """Only a table's write is looked at (a LIST on S3): the state and the rejects may hold no row."""
+    if item.kind == AS_TABLE and item.unit.name in TABLES and not has_data():
+        raise EtlError(f"the write of {item.unit.name} left no data file in staging, though it has rows")
 
 
 # --------------------------------------------------------------------------- the run

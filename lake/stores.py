@@ -358,8 +358,12 @@ class S3Store:
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         bucket, prefix = split_s3(path)
         keys = self.keys(path) if keys is None else keys
+        self._delete(bucket, [f"{prefix}/{key}" for key in keys])
+
+    def _delete(self, bucket: str, keys: Sequence[str]) -> None:
+        """One DeleteObjects per S3_DELETE_BATCH keys (full keys, in one bucket)."""
         for start in range(0, len(keys), S3_DELETE_BATCH):
-            batch = [{"Key": f"{prefix}/{key}"} for key in keys[start:start + S3_DELETE_BATCH]]
+            batch = [{"Key": key} for key in keys[start:start + S3_DELETE_BATCH]]
             self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
     def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
@@ -415,13 +419,13 @@ class S3Store:
         table, a rejects tree, the state), never one per partition unit."""
         listed: Dict[str, List[str]] = {}
         for unit in units:
-            top = join(unit.root, unit.name.split("/", 1)[0])
+            top = join(unit.root, unit.folder())
             if top not in listed:
                 listed[top] = self.keys(top)
         found = []
         for unit in units:
-            top, _, below = unit.name.partition("/")
-            keys = listed[join(unit.root, top)]
+            below = unit.name[len(unit.folder()) + 1:]
+            keys = listed[join(unit.root, unit.folder())]
             found.append(sorted(keys) if not below else
                          [key[len(below) + 1:] for key in sorted(keys) if key.startswith(f"{below}/")])
         return found
@@ -456,9 +460,7 @@ class S3Store:
             bucket, prefix = split_s3(unit.final())
             by_bucket.setdefault(bucket, []).extend(f"{prefix}/{key}" for key in keys)
         for bucket, keys in by_bucket.items():
-            for start in range(0, len(keys), S3_DELETE_BATCH):
-                batch = [{"Key": key} for key in keys[start:start + S3_DELETE_BATCH]]
-                self._client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            self._delete(bucket, keys)
         return sum(len(keys) for keys in by_bucket.values())
 
     def lock(self, root: str) -> Lock:
