@@ -1686,9 +1686,7 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         # published from staging (local renames, or S3 copies under spark-submit).
         direct = DirectPublish(store, to_publish, run_id, settings.output_root, lock) if spool else None
         if direct:
-            # The state (which no reader sees) first, the rejects last: a reader's two-version window opens at
-            # the first PUT into a folder readers see, which is then the largest table's, once Spark has written
-            # it; the other tables are written while it goes up.
+            # The state first (it goes up while Spark writes the tables), the rejects last.
             writes = sorted(writes, key=lambda item: item.kind == AS_JSON)
 
         def hand_over(item: Write, folder: str) -> None:

@@ -69,8 +69,11 @@ class DirectPublish:
 
     Spark writes each unit's files to a local folder; upload() hands a folder over as soon as Spark has
     written it, and one background worker PUTs its files into the unit's published folder under names of
-    this run (lake.stores.spooled_key), many at once, while Spark writes the next one. The quality gate has
-    passed by then: every write is one the run means to publish.
+    this run (lake.stores.spooled_key), many at once. The quality gate has passed by then: every write is
+    one the run means to publish.
+    - The lake's own folders (its state, which no reader sees) go up while Spark writes the tables. A folder
+      readers see is held until finish(), when Spark has written everything: a reader's two-version window
+      opens at the first PUT into such a folder, so it then holds only PUTs and deletes, never Spark's work.
     - The worker's first job, started at once, lists the keys published now (one listing per top folder):
       while Spark works.
     - Before the first PUT it writes the journal: the units, each with its old keys, and the rule that
@@ -94,11 +97,15 @@ class DirectPublish:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._listing = self._worker.submit(store.published_keys, self.units)  # type: ignore[attr-defined]
         self._jobs = [self._listing]
+        self._held: List[tuple] = []
 
     def upload(self, unit: Unit, folder: str) -> None:
         """Queues the PUTs of a folder Spark has written, for unit's published folder (a table's, whose
-        partition units it may hold)."""
-        self._jobs.append(self._worker.submit(self._upload, unit, folder))
+        partition units it may hold); held until finish() if readers see that folder."""
+        if readers_see(unit):
+            self._held.append((unit, folder))
+        else:
+            self._jobs.append(self._worker.submit(self._upload, unit, folder))
 
     def _step(self) -> None:
         if self._failed:
@@ -137,6 +144,9 @@ class DirectPublish:
     def finish(self) -> None:
         """Waits for the uploads, writes the commit mark, deletes the old keys. Raises PublishCutShort if
         it stops once the commit mark may have been written."""
+        for unit, folder in self._held:
+            self._jobs.append(self._worker.submit(self._upload, unit, folder))
+        self._held = []
         self.wait()
         self._worker.shutdown()
         journal = dict(self.journal or {})
@@ -219,8 +229,13 @@ def journal_unit(entry: dict) -> Unit:
 def published_folders(units: Sequence[Unit]) -> List[str]:
     """The folders readers see that units change: each table or rejects tree once, however many of its
     partitions were published (not the lake's own "_" folders, such as its state)."""
-    return list(dict.fromkeys(join(unit.root, unit.folder()) for unit in units
-                              if not unit.folder().startswith(("_", "."))))
+    return list(dict.fromkeys(join(unit.root, unit.folder()) for unit in units if readers_see(unit)))
+
+
+def readers_see(unit: Unit) -> bool:
+    """A table or a rejects tree; not the lake's own folders ("_state"), which readers skip, as Spark and
+    Athena skip every name that starts with "_" or "."."""
+    return not unit.folder().startswith(("_", "."))
 
 
 def open_staging(store: Store, output_root: str, run_id: str) -> None:

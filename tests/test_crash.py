@@ -30,11 +30,12 @@ from lake.stores import STAGING_DIR
 PAUSE_TIMEOUT_S = 300
 LOCAL_KILLS = ["read", "gate", *[f"write {name}" for name in etl.TABLES], "publish", f"published {etl.SONGS}"]
 # On S3 under python etl.py (a full build, so that every table changes whole): before the journal (the
-# keys published now listed, nothing put); mid-upload (the state and songs put in place under
+# keys published now listed, nothing put); as Spark writes the last table (the state put, no table yet: a
+# reader's window opens only once Spark is done); mid-upload (the state and songs put in place under
 # the run's names, the other tables not); between the upload and the deletes (the commit mark written);
 # mid-delete (the rejects', the state's and songs' old keys deleted, the other tables' not).
-S3_KILLS = ["journal", f"uploaded {etl.SONGS}", "committed", f"published {etl.SONGS}"]
-ROLLED_BACK = S3_KILLS[:2]
+S3_KILLS = ["journal", f"write {etl.SONGPLAYS}", f"uploaded {etl.SONGS}", "committed", f"published {etl.SONGS}"]
+ROLLED_BACK = S3_KILLS[:3]
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIACRASHTEST", "AWS_SECRET_ACCESS_KEY": "crash-secret", "AWS_REGION": "us-east-1"}
 
 
@@ -511,11 +512,15 @@ def test_a_kill_on_s3_leaves_old_or_old_and_new_files_and_the_next_run_rolls_bac
     # never part of the old version without the whole new one.
     expected = {
         "journal": old,
+        f"write {etl.SONGPLAYS}": old,
         f"uploaded {etl.SONGS}": mixed(old, new, both=[etl.SONGS]),
         "committed": mixed(old, new, both=etl.TABLES),
         f"published {etl.SONGS}": {**mixed(old, new, both=etl.TABLES), etl.SONGS: new[etl.SONGS]},
     }[moment]
     assert snapshot(download(client, "killed", tmp_path / "killed")) == expected
+    if moment == f"write {etl.SONGPLAYS}":  # the state went up while Spark wrote the tables
+        assert {key.split("/")[0] for key in lake_keys(client, "killed") - lake_keys(client, "lake-old")} \
+            == {etl.STATE_DIR}
 
     # The next run's recovery alone: before the commit mark, exactly the old lake's keys again; after it,
     # only the killed run's (and the manifest it copied in).
