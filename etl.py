@@ -49,7 +49,17 @@ from lake.intake import (
 )
 from lake.lock import Lock
 from lake.paths import join, normalize_root, visible_files
-from lake.plan import HERE, LOG_DATA, SONG_DATA, RunPlan, create_spark_session, emr_marker, plan_run
+from lake.plan import (
+    HERE,
+    LOG_DATA,
+    SONG_DATA,
+    RunPlan,
+    create_spark_session,  # noqa: F401  (the notebook's session: etl.create_spark_session())
+    emr_marker,
+    plan_run,
+    start_spark_session,
+    stop_unused,
+)
 from lake.publish import DirectPublish, PublishCutShort, open_staging, pause_point, publish, published_folders, recover
 from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
 from lake.stores import Store, Unit
@@ -1540,15 +1550,21 @@ def count_rows(frames: Mapping[str, DataFrame]) -> Dict[str, int]:
     return {name: row["rows"] for name, row in rows.items()}
 
 
-def take_stock(settings: Settings, plan: RunPlan, report: RunReport) -> Dict[str, TreeIntake]:
-    """Lists the input and compares it with what the lake has taken in; decides whether this run builds in
-    full or from what is new. Needs no Spark: a run with nothing new never starts it."""
+def build_mode(settings: Settings, plan: RunPlan) -> Tuple[Optional[dict], Optional[str]]:
+    """The lake's manifest, if this job's state can be compared with (None otherwise), and why this run
+    builds from nothing (None: from what is new). Known before the input is listed."""
     store = plan.output_store
     manifest = load_manifest(store, settings.output_root)
     reason = why_full(manifest, settings.full, settings.partition_by,
                       rejects_location(settings.output_root, settings.rejected_root),
                       store.children(settings.output_root), TABLES)
-    comparable = manifest if manifest and manifest.get("state_version") == STATE_VERSION else None
+    return (manifest if manifest and manifest.get("state_version") == STATE_VERSION else None), reason
+
+
+def take_stock(settings: Settings, plan: RunPlan, report: RunReport, comparable: Optional[dict],
+               reason: Optional[str]) -> Dict[str, TreeIntake]:
+    """Lists the input and compares it with what the lake has taken in (build_mode's manifest). Needs no
+    Spark: a daily run with nothing new never starts it."""
     intakes, files = {}, {}
     for tree in (SONG_DATA, LOG_DATA):
         listed = list_tree(plan, settings.input_root, tree)
@@ -1695,6 +1711,8 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
 
         try:
             stage(writes, report, spool, hand_over if direct else None)
+            if direct:  # nothing after the writes needs Spark: it stops while the PUTs go on
+                spark.stop()
             if not failed:
                 store.write_json(join(state_unit(settings, MANIFEST_UNIT).staged(run_id), MANIFEST_FILE),
                                  new_manifest(run_id, JOB_VERSION, settings.partition_by,
@@ -1786,12 +1804,17 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
     except Exception as exc:
         print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
         return 1
+    started = None
     try:
         with phase(report, "list input") as counts:
-            intakes = take_stock(settings, plan, report)
+            comparable, reason = build_mode(settings, plan)
+            if reason:  # a full build needs Spark whatever the listing finds: its JVM starts meanwhile
+                started = start_spark_session(plan)
+            intakes = take_stock(settings, plan, report, comparable, reason)
             for tree in intakes:
                 counts[tree] = ", ".join(f"{value} {key}" for key, value in report.intake["files"][tree].items())
     except Exception as exc:
+        stop_unused(started)
         report.error = str(exc) if isinstance(exc, EtlError) else one_line(exc)
         report.error_line = failure_line(report, settings, plan)
         return end_report(store, report, roots, 1, lock)
@@ -1803,7 +1826,7 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
              report.intake["why_full"] or "from the lake's state and the files added, changed or removed")
     try:
         with phase(report, "start spark"):
-            spark = create_spark_session(plan)
+            spark = (started or start_spark_session(plan)).result()
     except Exception as exc:  # no Java, say, or jars missing; nothing has been read or written yet
         report.error = str(exc) if isinstance(exc, EtlError) else f"cannot start Spark: {one_line(exc)}"
         code = end_report(store, report, roots, 2 if isinstance(exc, EtlError) else 1, lock)

@@ -7,6 +7,7 @@ settings and jars. Nothing else in the job asks whether a path is on S3.
 """
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Mapping, Optional
 
@@ -273,6 +274,27 @@ def create_spark_session(plan: Optional[RunPlan] = None):
             spark.conf.set(key, value)
     no_local_checksum_files(spark)
     return spark
+
+
+def start_spark_session(plan: RunPlan) -> Future:
+    """create_spark_session on a thread of its own: a full build needs Spark whatever its listing finds, so
+    the JVM starts while the input is listed (seconds on S3). Its result() is the session, or raises what
+    starting it raised. Spark then installs no Ctrl-C handler of its own (it does so on the main thread
+    only); Python's KeyboardInterrupt still ends the run, and Spark stops with it."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="start-spark")
+    started = pool.submit(create_spark_session, plan)
+    pool.shutdown(wait=False)  # the thread ends when the session has started
+    return started
+
+
+def stop_unused(started: Optional[Future]) -> None:
+    """A session started ahead (start_spark_session) that the run no longer needs, stopped."""
+    if started is None:
+        return
+    try:
+        started.result().stop()
+    except Exception:  # it never started: nothing to stop (its error is not this run's)
+        pass
 
 
 def no_local_checksum_files(spark) -> None:

@@ -4,11 +4,13 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from pyspark.testing import assertDataFrameEqual
 
 import etl
 from conftest import SAMPLE, read_tables
 from lake.report import REPORT_NAME
+from lake.stores import LocalStore, Unit
 
 FIGURES = {"songs": 71, "artists": 69, "users": 97, "songplays": 6820, "time": 6813}
 
@@ -125,3 +127,27 @@ def test_log_has_one_line_per_phase_with_counts_and_seconds(sample_run):
     assert "INFO Spark set-up: local paths; local files through java.nio (no chmod process per file)" in result.stderr
     # Spark's own INFO chatter stays off the console.
     assert not [line for line in result.stderr.splitlines() if "INFO" in line and not line.startswith("20")]
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["staged", "spooled"])
+def test_a_table_write_that_left_no_data_file_stops_the_run_before_its_publish(spark, tmp_path, spooled):
+    """A committer can lose a table's files and still succeed: file:// output on a cluster whose machines
+    share no disk leaves the driver's folder with _SUCCESS alone. The gate counted rows, so that folder
+    must never replace the published table."""
+    run_id = "20261129T000000Z-00000000"
+    rows = spark.createDataFrame([("SOAAA", "A song")], "song_id string, title string")
+    write = etl.Write(Unit(str(tmp_path / "lake"), etl.SONGS), rows)
+    folder = Path(write.unit.staged(run_id)) if not spooled else tmp_path / "spool" / "0-songs"
+    folder.mkdir(parents=True)
+    (folder / "_SUCCESS").write_bytes(b"")
+
+    def check():
+        if spooled:
+            etl.require_spooled_data(write, str(folder))
+        else:
+            etl.require_staged_data(LocalStore(), [write], run_id)
+
+    with pytest.raises(etl.EtlError, match="^the write of songs left no data file in staging, though it has rows$"):
+        check()
+    (folder / "part-00000.parquet").write_bytes(b"PAR1")
+    check()  # one data file: the write is whole

@@ -76,6 +76,12 @@ print(json.dumps({"code": child.returncode, "wall_s": time.perf_counter() - star
 """
 
 
+
+def with_outside(wall_s, phases):
+    """A run's phases, led by the wall time outside them: the interpreter's start, the lease, recovery, the
+    report, Spark's stop and the exit."""
+    return {"outside phases": round(wall_s - sum(phases.values()), 1), **phases}
+
 def measure(command, log_path):
     """Runs command in a child that reports wall seconds, CPU seconds and the peak resident memory of its
     process tree."""
@@ -109,9 +115,7 @@ def run_ours(name, data, work, config_text=""):
                       work / f"{name}.log")
     report = json.loads((out / "_run_report.json").read_text())
     records = report["input"]["song_records"] + report["input"]["log_events"]
-    phases = report["phases_s"]
-    return {"name": name, **figures, "phases_s": {"process start": round(figures["wall_s"] - sum(phases.values()), 1),
-                                                  **phases},
+    return {"name": name, **figures, "phases_s": with_outside(figures["wall_s"], report["phases_s"]),
             "input": report["input"], "tables": {k: v["rows"] for k, v in report["tables"].items()},
             "records_per_s": round(records / figures["wall_s"])}
 

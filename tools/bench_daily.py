@@ -85,9 +85,7 @@ def etl_case(name, work, data, out, *flags):
     figures = bench.measure([sys.executable, ROOT / "etl.py", "--config", config, "--input", data, "--output", out,
                              *flags], work / f"{name}.log")
     report = json.loads((out / "_run_report.json").read_text())
-    phases = report["phases_s"]
-    return {"name": name, **figures,
-            "phases_s": {"process start": round(figures["wall_s"] - sum(phases.values()), 1), **phases},
+    return {"name": name, **figures, "phases_s": bench.with_outside(figures["wall_s"], report["phases_s"]),
             "input": report["input"], "intake": report["intake"],
             "tables": {k: v["rows"] for k, v in report["tables"].items()}}
 
