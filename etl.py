@@ -21,7 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import pyspark
 import pyspark.sql.functions as F
@@ -39,12 +39,15 @@ from lake.intake import (
     STATE_VERSION,
     USERS_STATE,
     InputFile,
+    LakeCopy,
     TreeIntake,
     compare,
     load_manifest,
     new_manifest,
     partition_units,
     rejects_location,
+    segment_name,
+    state_paths,
     why_full,
 )
 from lake.lock import Lock
@@ -62,7 +65,7 @@ from lake.plan import (
 )
 from lake.publish import DirectPublish, PublishCutShort, open_staging, pause_point, publish, published_folders, recover
 from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
-from lake.stores import Store, Unit
+from lake.stores import InPlaceStore, Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
 
 JOB_VERSION = "1.0.0"
@@ -937,38 +940,6 @@ def in_partitions(frame: DataFrame, columns: Sequence[str], touched: Sequence[Tu
     return frame.join(F.broadcast(wanted), on=same, how="left_semi")
 
 
-class LakeCopy:
-    """Where Spark reads what the lake keeps (its state, the rejects): in place, or, for S3 output under
-    python etl.py, whose Spark has no S3 reader (it writes through local disk: lake.plan), from a local copy
-    of just the folders a run reads, fetched by boto3: one listing per root, one GET per file."""
-
-    def __init__(self, store: Store, folder: Optional[str]) -> None:
-        self.store, self.folder, self.files = store, folder, 0
-
-    def paths(self, root: str, names: Sequence[str]) -> Dict[str, str]:
-        """{name: where Spark reads root/name}, fetched first if this is a copy."""
-        if self.folder is None or not names:
-            return {name: join(root, name) for name in names}
-        local = os.path.join(self.folder, str(len(os.listdir(self.folder))))
-        self.files += self.store.download(root, local, names)
-        found = {name: os.path.join(local, *name.split("/")) for name in names}
-        for path in found.values():
-            os.makedirs(path, exist_ok=True)  # a folder with nothing to read is read as empty
-        return found
-
-
-def state_paths(copy: LakeCopy, output_root: str, intakes: Mapping[str, TreeIntake]) -> Dict[str, str]:
-    """Where Spark reads the state folders a daily run needs: the segments, the plays, the users."""
-    names = [segment_name(intake.tree, segment) for intake in intakes.values() for segment in intake.segments]
-    below = len(STATE_DIR) + 1  # listed below _state/, never the tables beside it
-    found = copy.paths(join(output_root, STATE_DIR), [name[below:] for name in names + [PLAYS_STATE, USERS_STATE]])
-    return {f"{STATE_DIR}/{name}": path for name, path in found.items()}
-
-
-def segment_name(tree: str, segment: str) -> str:
-    return f"{STATE_DIR}/{tree}/{segment}"
-
-
 def read_records(spark: SparkSession, paths: Mapping[str, str], tree: str, segments: Sequence[str]) -> DataFrame:
     """Clean records of one tree as the lake took them in, from the given segments."""
     schema = RECORD_SCHEMAS[tree]
@@ -1697,20 +1668,22 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         previous = report.intake.get("previous_rows", {})
         report.intake["rows_added"] = {name: report.tables[name]["rows"] - previous.get(name, 0) for name in TABLES}
     with spool_folder(plan, run_id) as spool:
-        # S3 output spooled on local disk: each object PUT once, straight into place, as soon as Spark has
-        # written its table (the gate has passed: every write is to be published). Otherwise staged, then
-        # published from staging (local renames, or S3 copies under spark-submit).
-        direct = DirectPublish(store, to_publish, run_id, settings.output_root, lock) if spool else None
+        # S3 output spooled on local disk (lake.plan spools only S3 output): each object PUT once, straight
+        # into place (the gate has passed: every write is to be published). Otherwise staged, then published
+        # from staging (local renames, or S3 copies under spark-submit).
+        direct = DirectPublish(cast(InPlaceStore, store), to_publish, run_id, settings.output_root, lock) \
+            if spool else None
+        sink: Optional[Callable[[Write, str], None]] = None
         if direct:
             # The state first (it goes up while Spark writes the tables), the rejects last.
             writes = sorted(writes, key=lambda item: item.kind == AS_JSON)
 
-        def hand_over(item: Write, folder: str) -> None:
-            require_spooled_data(item, folder)
-            direct.upload(item.unit, folder)  # type: ignore[union-attr]
+            def sink(item: Write, folder: str, direct: DirectPublish = direct) -> None:
+                require_spooled_data(item, folder)
+                direct.upload(item.unit, folder)
 
         try:
-            stage(writes, report, spool, hand_over if direct else None)
+            stage(writes, report, spool, sink)
             if direct:  # nothing after the writes needs Spark: it stops while the PUTs go on
                 spark.stop()
             if not failed:

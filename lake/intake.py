@@ -17,6 +17,7 @@ added and changed files, and builds the tables from the state and those files. T
 the same journal as the tables, so a crash leaves the two consistent: recovery finishes both or neither.
 This module is the driver's bookkeeping; the Spark side is in etl.py.
 """
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -207,3 +208,35 @@ def partition_units(columns: Sequence[str], touched: Sequence[Tuple[Optional[str
     present = {partition_folder(columns, values) for values in written}
     folders = {partition_folder(columns, values) for values in touched}
     return sorted(folders & present), sorted(folders - present)
+
+
+class LakeCopy:
+    """Where Spark reads what the lake keeps (its state, the rejects): in place, or, for S3 output under
+    python etl.py, whose Spark has no S3 reader (it writes through local disk: lake.plan), from a local copy
+    of just the folders a run reads, fetched by boto3: one listing per root, one GET per file."""
+
+    def __init__(self, store: Store, folder: Optional[str]) -> None:
+        self.store, self.folder, self.files = store, folder, 0
+
+    def paths(self, root: str, names: Sequence[str]) -> Dict[str, str]:
+        """{name: where Spark reads root/name}, fetched first if this is a copy."""
+        if self.folder is None or not names:
+            return {name: join(root, name) for name in names}
+        local = os.path.join(self.folder, str(len(os.listdir(self.folder))))
+        self.files += self.store.download(root, local, names)
+        found = {name: os.path.join(local, *name.split("/")) for name in names}
+        for path in found.values():
+            os.makedirs(path, exist_ok=True)  # a folder with nothing to read is read as empty
+        return found
+
+
+def state_paths(copy: LakeCopy, output_root: str, intakes: Mapping[str, TreeIntake]) -> Dict[str, str]:
+    """Where Spark reads the state folders a daily run needs: the segments, the plays, the users."""
+    names = [segment_name(intake.tree, segment) for intake in intakes.values() for segment in intake.segments]
+    below = len(STATE_DIR) + 1  # listed below _state/, never the tables beside it
+    found = copy.paths(join(output_root, STATE_DIR), [name[below:] for name in names + [PLAYS_STATE, USERS_STATE]])
+    return {f"{STATE_DIR}/{name}": path for name, path in found.items()}
+
+
+def segment_name(tree: str, segment: str) -> str:
+    return f"{STATE_DIR}/{tree}/{segment}"

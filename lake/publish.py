@@ -8,11 +8,11 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 from lake.lock import Lock
 from lake.paths import join
-from lake.stores import STAGING_DIR, Store, Unit
+from lake.stores import STAGING_DIR, InPlaceStore, Store, Unit
 
 LOG = logging.getLogger("sparkify_etl")
 PUBLISH_JOURNAL = "_PUBLISH.json"
@@ -84,7 +84,7 @@ class DirectPublish:
     after it rolled forward (the old keys deleted). A run that fails before it, or loses its lease, rolls
     itself back (abort)."""
 
-    def __init__(self, store: Store, units: Sequence[Unit], run_id: str, output_root: str,
+    def __init__(self, store: InPlaceStore, units: Sequence[Unit], run_id: str, output_root: str,
                  lock: Optional[Lock] = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -95,7 +95,7 @@ class DirectPublish:
         self.committed = self._journal_sent = False
         self._failed: Optional[BaseException] = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="publish")
-        self._listing = self._worker.submit(store.published_keys, self.units)  # type: ignore[attr-defined]
+        self._listing = self._worker.submit(store.published_keys, self.units)
         self._jobs = [self._listing]
         self._held: List[tuple] = []
 
@@ -128,7 +128,7 @@ class DirectPublish:
         try:
             self._begin()
             self._step()
-            self.put += self.store.put_files(folder, unit.final(), self.run_id)  # type: ignore[attr-defined]
+            self.put += self.store.put_files(folder, unit.final(), self.run_id)
         except BaseException as exc:
             self._failed = self._failed or exc
             raise
@@ -191,7 +191,7 @@ class DirectPublish:
             raise PublishCutShort(exc) from exc
 
 
-def roll_forward(store: Store, journal: dict, lock: Optional[Lock] = None) -> int:
+def roll_forward(store: InPlaceStore, journal: dict, lock: Optional[Lock] = None) -> int:
     """A committed in-place publish finished: the staged keys copied in (the manifest), then the old keys
     deleted, batched per top folder (one DeleteObjects per 1,000 keys), with a pause point after each.
     Idempotent. Returns how many keys it deleted."""
@@ -204,17 +204,17 @@ def roll_forward(store: Store, journal: dict, lock: Optional[Lock] = None) -> in
         for entry in entries:
             if entry.get("new"):
                 unit = journal_unit(entry)
-                store.copy(unit.staged(journal["run_id"]), unit.final(), entry["new"])  # type: ignore[attr-defined]
-        deleted += store.remove_units([(journal_unit(entry), entry["old"]) for entry in entries])  # type: ignore
+                store.copy(unit.staged(journal["run_id"]), unit.final(), entry["new"])
+        deleted += store.remove_units([(journal_unit(entry), entry["old"]) for entry in entries])
         pause_point(f"published {journal_unit(entries[0]).folder()}")
     return deleted
 
 
-def roll_back(store: Store, journal: dict) -> int:
+def roll_back(store: InPlaceStore, journal: dict) -> int:
     """An in-place publish stopped before its commit mark, undone: every key the run put below its units'
     top folders (named by the run id) deleted. Idempotent. Returns how many."""
     folders = dict.fromkeys(join(entry["root"], journal_unit(entry).folder()) for entry in journal["units"])
-    return store.withdraw(list(folders), journal["run_id"])  # type: ignore[attr-defined]
+    return store.withdraw(list(folders), journal["run_id"])
 
 
 def _check(lock: Optional[Lock]) -> None:
@@ -253,13 +253,14 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
     dead_runs = store.children(staging)
     for run_id in dead_runs:
         journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
+        in_place = cast(InPlaceStore, store)  # only DirectPublish writes a "direct" journal, on S3
         if journal and journal.get("direct") and not journal.get("committed"):
             LOG.warning("undoing the publish of run %s, which was stopped before its commit mark", run_id)
-            roll_back(store, journal)
+            roll_back(in_place, journal)
         elif journal:
             LOG.warning("finishing the publish of run %s, which was stopped half-way", run_id)
             if journal.get("direct"):
-                roll_forward(store, journal, lock)
+                roll_forward(in_place, journal, lock)
             else:
                 finish_publish(store, journal, lock)
             finished[run_id] = published_folders([journal_unit(entry) for entry in journal["units"]])

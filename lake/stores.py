@@ -107,6 +107,26 @@ class Store(Protocol):
         """None if root's storage answers a quick request (a refusal is an answer), else what is gone."""
 
 
+class InPlaceStore(Store, Protocol):
+    """A store that publishes by putting new files in place beside the old ones (S3Store, for
+    lake.publish.DirectPublish and its journal's recovery), not by swapping folders."""
+
+    def published_keys(self, units: Sequence[Unit]) -> List[List[str]]:
+        """For each unit, the keys published below its folder now."""
+
+    def put_files(self, folder: str, target: str, run_id: str) -> int:
+        """PUTs a local folder's files into target under this run's names; returns how many."""
+
+    def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
+        """Copies the keys below source to the same keys below target."""
+
+    def withdraw(self, folders: Sequence[str], run_id: str) -> int:
+        """Deletes what run_id put below the folders; returns how many keys."""
+
+    def remove_units(self, entries: Sequence[Tuple[Unit, Sequence[str]]]) -> int:
+        """Deletes the keys given below each unit's folder, batched; returns how many."""
+
+
 class LocalStore:
     """Local disk: files through os, a table swapped in by renaming its folder."""
 
