@@ -1486,6 +1486,15 @@ def spool_folder(plan: RunPlan, run_id: str) -> Iterator[Optional[str]]:
         yield folder
 
 
+def spooled_sink(direct: DirectPublish) -> Callable[[Write, str], None]:
+    """stage()'s sink for S3 output spooled on local disk: each folder Spark has written, checked, then
+    handed to the publish."""
+    def hand_over(item: Write, folder: str) -> None:
+        require_spooled_data(item, folder)
+        direct.upload(item.unit, folder)
+    return hand_over
+
+
 def require_spooled_data(item: Write, folder: str) -> None:
     """require_staged_data for one write Spark has just made to a local spool folder."""
     _require_data(item, lambda: next(visible_files(folder), None) is not None)
@@ -1673,15 +1682,11 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         # from staging (local renames, or S3 copies under spark-submit).
         direct = DirectPublish(cast(InPlaceStore, store), to_publish, run_id, settings.output_root, lock) \
             if spool else None
-        sink: Optional[Callable[[Write, str], None]] = None
+        sink = None
         if direct:
             # The state first (it goes up while Spark writes the tables), the rejects last.
             writes = sorted(writes, key=lambda item: item.kind == AS_JSON)
-
-            def sink(item: Write, folder: str, direct: DirectPublish = direct) -> None:
-                require_spooled_data(item, folder)
-                direct.upload(item.unit, folder)
-
+            sink = spooled_sink(direct)
         try:
             stage(writes, report, spool, sink)
             if direct:  # nothing after the writes needs Spark: it stops while the PUTs go on
