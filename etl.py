@@ -1348,7 +1348,8 @@ def stage(writes: Sequence[Write], report: RunReport, spool: Optional[str] = Non
           sink: Optional[Callable[[Write, str], None]] = None) -> None:
     """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/, or with a
     spool folder (S3 output under python etl.py) a local folder per write, handed to sink as soon as Spark
-    has written it (lake.publish's DirectPublish PUTs it into place while Spark writes the next). Writes
+    has written it (lake.publish's DirectPublish: the state goes up at once, the tables once all are
+    written). Writes
     with the same label share a phase, with a pause point at its start."""
     written: List[Tuple[Unit, str]] = []
 
