@@ -57,7 +57,7 @@ from lake.plan import (
     LOG_DATA,
     SONG_DATA,
     RunPlan,
-    create_spark_session,  # noqa: F401  (the notebook's session: etl.create_spark_session())
+    create_spark_session,
     emr_marker,
     plan_run,
     start_spark_session,
@@ -1805,7 +1805,7 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
              report.intake["why_full"] or "from the lake's state and the files added, changed or removed")
     try:
         with phase(report, "start spark"):
-            spark = (started or start_spark_session(plan)).result()
+            spark = started.result() if started else create_spark_session(plan)
     except Exception as exc:  # no Java, say, or jars missing; nothing has been read or written yet
         report.error = str(exc) if isinstance(exc, EtlError) else f"cannot start Spark: {one_line(exc)}"
         code = end_report(store, report, roots, 2 if isinstance(exc, EtlError) else 1, lock)

@@ -76,11 +76,11 @@ print(json.dumps({"code": child.returncode, "wall_s": time.perf_counter() - star
 """
 
 
-
 def with_outside(wall_s, phases):
     """A run's phases, led by the wall time outside them: the interpreter's start, the lease, recovery, the
     report, Spark's stop and the exit."""
     return {"outside phases": round(wall_s - sum(phases.values()), 1), **phases}
+
 
 def measure(command, log_path):
     """Runs command in a child that reports wall seconds, CPU seconds and the peak resident memory of its
