@@ -1691,6 +1691,7 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         try:
             stage(writes, report, spool, sink)
             if direct:  # nothing after the writes needs Spark: it stops while the PUTs go on
+                direct.release()
                 spark.stop()
             if not failed:
                 store.write_json(join(state_unit(settings, MANIFEST_UNIT).staged(run_id), MANIFEST_FILE),

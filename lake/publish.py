@@ -69,11 +69,12 @@ class DirectPublish:
 
     Spark writes each unit's files to a local folder; upload() hands a folder over as soon as Spark has
     written it, and one background worker PUTs its files into the unit's published folder under names of
-    this run (lake.stores.spooled_key), many at once. The quality gate has passed by then: every write is
-    one the run means to publish.
+    this run (lake.stores.spooled_key), many at once, removing each local file once it is up. The quality
+    gate has passed by then: every write is one the run means to publish.
     - The lake's own folders (its state, which no reader sees) go up while Spark writes the tables. A folder
-      readers see is held until finish(), when Spark has written everything: a reader's two-version window
-      opens at the first PUT into such a folder, so it then holds only PUTs and deletes, never Spark's work.
+      readers see is held until release(), once Spark has written everything (and before Spark stops): a
+      reader's two-version window opens at the first PUT into such a folder, so it then holds only PUTs and
+      deletes, never Spark's work.
     - The worker's first job, started at once, lists the keys published now (one listing per top folder):
       while Spark works.
     - Before the first PUT it writes the journal: the units, each with its old keys, and the rule that
@@ -101,7 +102,7 @@ class DirectPublish:
 
     def upload(self, unit: Unit, folder: str) -> None:
         """Queues the PUTs of a folder Spark has written, for unit's published folder (a table's, whose
-        partition units it may hold); held until finish() if readers see that folder."""
+        partition units it may hold); held until release() if readers see that folder."""
         if readers_see(unit):
             self._held.append((unit, folder))
         else:
@@ -128,7 +129,7 @@ class DirectPublish:
         try:
             self._begin()
             self._step()
-            self.put += self.store.put_files(folder, unit.final(), self.run_id)
+            self.put += self.store.move_files(folder, unit.final(), self.run_id)
         except BaseException as exc:
             self._failed = self._failed or exc
             raise
@@ -141,12 +142,16 @@ class DirectPublish:
         for job in list(self._jobs):
             job.result()
 
-    def finish(self) -> None:
-        """Waits for the uploads, writes the commit mark, deletes the old keys. Raises PublishCutShort if
-        it stops once the commit mark may have been written."""
+    def release(self) -> None:
+        """Spark has written every folder: the held PUTs (the folders readers see) start now."""
         for unit, folder in self._held:
             self._jobs.append(self._worker.submit(self._upload, unit, folder))
         self._held = []
+
+    def finish(self) -> None:
+        """Releases what is held, waits for the uploads, writes the commit mark, deletes the old keys.
+        Raises PublishCutShort if it stops once the commit mark may have been written."""
+        self.release()
         self.wait()
         self._worker.shutdown()
         journal = dict(self.journal or {})

@@ -114,8 +114,9 @@ class InPlaceStore(Store, Protocol):
     def published_keys(self, units: Sequence[Unit]) -> List[List[str]]:
         """For each unit, the keys published below its folder now."""
 
-    def put_files(self, folder: str, target: str, run_id: str) -> int:
-        """PUTs a local folder's files into target under this run's names; returns how many."""
+    def move_files(self, folder: str, target: str, run_id: str) -> int:
+        """PUTs a local folder's files into target under this run's names, removing each once it is up;
+        returns how many."""
 
     def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
         """Copies the keys below source to the same keys below target."""
@@ -450,15 +451,20 @@ class S3Store:
                          [key[len(below) + 1:] for key in sorted(keys) if key.startswith(f"{below}/")])
         return found
 
-    def put_files(self, folder: str, target: str, run_id: str) -> int:
-        """PUTs every visible file below a local folder into target, under its spooled_key, one request
-        each, many at once; returns how many. Each object is written once: nothing is copied afterwards."""
+    def move_files(self, folder: str, target: str, run_id: str) -> int:
+        """PUTs every visible file below a local folder (a spool) into target, under its spooled_key, one
+        request each, many at once, and removes each local file once it is up; returns how many. Each object
+        is written once: nothing is copied afterwards. Removing the files as they go spreads the spool's
+        removal over the PUTs, which wait on the network (measured at tier 1: 2.5 s after the publish, for
+        12,600 files, when the whole spool went at the end)."""
         bucket, prefix = split_s3(target)
         names = list(visible_files(folder))
 
         def put(name: str) -> None:
-            with open(os.path.join(folder, name), "rb") as body:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as body:
                 self._client.put_object(Bucket=bucket, Key=f"{prefix}/{spooled_key(name, run_id)}", Body=body)
+            os.unlink(path)
         in_flight(put, names)
         return len(names)
 
