@@ -130,3 +130,28 @@ def test_a_committed_publish_puts_each_object_once_and_deletes_the_old_in_batche
 
     recover(store, [root], root)  # a run after it: the publish is complete, only its staging goes
     assert keys(client, root) == new
+
+
+def spooled_files(folder):
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+def test_a_folder_readers_see_is_held_until_release(lake, tmp_path):
+    root, _, client = lake
+    publish, _ = uploading(lake, tmp_path)
+    publish.wait()  # the state's PUTs are done; songs, which readers see, waits for Spark's last write
+    new = [key for key in keys(client, root) if RUN_ID in key and not key.startswith(STAGING_DIR)]
+    assert new == [f"_state/plays/year=2018/month=11/{RUN_ID}-part-00000-new.snappy.parquet"]
+    publish.release()
+    publish.wait()
+    new = [key for key in keys(client, root) if RUN_ID in key and not key.startswith(STAGING_DIR)]
+    assert len(new) == 1 + ARTISTS - ARTISTS // 100  # and every songs partition that is not dropped
+    publish.abort()
+
+
+def test_a_spooled_file_leaves_the_spool_once_it_is_up(lake, tmp_path):
+    publish, _ = uploading(lake, tmp_path)
+    publish.wait()
+    assert spooled_files(tmp_path / "1-plays") == []  # up
+    assert len(spooled_files(tmp_path / "0-songs")) == ARTISTS - ARTISTS // 100  # held: still all there
+    publish.abort()
