@@ -1349,8 +1349,7 @@ def stage(writes: Sequence[Write], report: RunReport, spool: Optional[str] = Non
     """Writes everything this run will publish where no reader looks: <root>/_staging/<run id>/, or with a
     spool folder (S3 output under python etl.py) a local folder per write, handed to sink as soon as Spark
     has written it (lake.publish's DirectPublish: the state goes up at once, the tables once all are
-    written). Writes
-    with the same label share a phase, with a pause point at its start."""
+    written). Writes with the same label share a phase, with a pause point at its start."""
     written: List[Tuple[Unit, str]] = []
 
     def target(unit: Unit) -> str:
@@ -1683,11 +1682,10 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         # from staging (local renames, or S3 copies under spark-submit).
         direct = DirectPublish(cast(InPlaceStore, store), to_publish, run_id, settings.output_root, lock) \
             if spool else None
-        sink = None
+        sink = spooled_sink(direct) if direct else None
         if direct:
             # The state first (it goes up while Spark writes the tables), the rejects last.
             writes = sorted(writes, key=lambda item: item.kind == AS_JSON)
-            sink = spooled_sink(direct)
         try:
             stage(writes, report, spool, sink)
             if direct:  # nothing after the writes needs Spark: it stops while the PUTs go on

@@ -136,16 +136,20 @@ def spooled_files(folder):
     return [path for path in folder.rglob("*") if path.is_file()]
 
 
+def put_by_the_run(client, root):
+    """The keys the run has put in place (not its staging)."""
+    return [key for key in keys(client, root) if RUN_ID in key and not key.startswith(STAGING_DIR)]
+
+
 def test_a_folder_readers_see_is_held_until_release(lake, tmp_path):
     root, _, client = lake
     publish, _ = uploading(lake, tmp_path)
     publish.wait()  # the state's PUTs are done; songs, which readers see, waits for Spark's last write
-    new = [key for key in keys(client, root) if RUN_ID in key and not key.startswith(STAGING_DIR)]
-    assert new == [f"_state/plays/year=2018/month=11/{RUN_ID}-part-00000-new.snappy.parquet"]
+    assert put_by_the_run(client, root) == [f"_state/plays/year=2018/month=11/{RUN_ID}-part-00000-new.snappy.parquet"]
     publish.release()
     publish.wait()
-    new = [key for key in keys(client, root) if RUN_ID in key and not key.startswith(STAGING_DIR)]
-    assert len(new) == 1 + ARTISTS - ARTISTS // 100  # and every songs partition that is not dropped
+    # and every songs partition that is not dropped
+    assert len(put_by_the_run(client, root)) == 1 + ARTISTS - ARTISTS // 100
     publish.abort()
 
 
