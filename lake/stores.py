@@ -13,14 +13,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 from lake.aws import S3_ATTEMPTS, AwsSettings, s3_client, s3_client_settings, s3_error
 from lake.errors import EtlError
 from lake.lock import FileLock, Lock, S3Lease
-from lake.paths import is_input_file, is_visible_file, join, split_s3, visible_files
+from lake.paths import is_input_file, is_visible, is_visible_file, join, split_s3, visible_files
 
 LOG = logging.getLogger("sparkify_etl")
 # A run writes everything under <root>/_staging/<run id>/ first; names starting with "_" are skipped by
 # Spark, Athena, pyarrow and DuckDB readers.
 STAGING_DIR = "_staging"
 OLD_VERSIONS_DIR = "_old"
-VERSION_MARKER = "_RUN_"  # + run id: the file in each locally published folder that says which run wrote it
+# Local disk: the version a partial publish swapped out, kept to become the next version (LocalStore.gather).
+SPARES_DIR = "_spare"
+# + run id: the file in each locally published folder that says which run wrote it, and, for a folder of
+# which the run changed only some parts, which version it changed and which parts.
+VERSION_MARKER = "_RUN_"
 PREFLIGHT_PROBE = "_preflight-probe"
 # S3: requests in flight, and keys per DeleteObjects (S3's maximum).
 S3_REQUESTS_IN_FLIGHT = 64
@@ -35,6 +39,9 @@ class Unit:
     root: str
     name: str
     drop: bool = False
+    # A whole folder that lake's store gathered from partition units: the parts (below the folder) this run
+    # changed; every other part is the published version's.
+    changed: Optional[Tuple[str, ...]] = None
 
     def final(self) -> str:
         return join(self.root, self.name)
@@ -44,6 +51,9 @@ class Unit:
 
     def old(self, run_id: str) -> str:
         return join(self.root, STAGING_DIR, run_id, OLD_VERSIONS_DIR, self.name)
+
+    def spare(self) -> str:
+        return join(self.root, SPARES_DIR, self.name)
 
     def folder(self) -> str:
         """The folder readers see that the unit belongs to: "songs" for "songs/year=2005/artist_id=AR1"."""
@@ -202,17 +212,24 @@ class LocalStore:
         return next(visible_files(path), None) is not None
 
     def gather(self, units: Sequence[Unit], run_id: str) -> List[Unit]:
-        """Each folder's changed parts (a table's partitions, the state's segments) become the whole folder:
-        its unchanged files are hard-linked into its staging beside the new parts, so that one exchange
-        publishes it, and no reader ever sees a table with some partitions new and others old."""
+        """Each folder's changed parts (a table's partitions, the state's segments) become the whole folder,
+        so that one exchange publishes it, and no reader ever sees a table with some partitions new and
+        others old. The rest of the folder is hard links to the published files (no data is copied): the
+        spare (the version the last partial publish swapped out) brought up to date, which costs what the
+        last two runs changed, or else links made afresh, which cost what the folder holds."""
         gathered: Dict[Tuple[str, str], List[Unit]] = {}
         for unit in units:
             gathered.setdefault((unit.root, unit.folder()), []).append(unit)
         whole = []
         for (root, folder), parts in gathered.items():
             unit = Unit(root, folder)
-            if unit not in parts:
-                _link_unchanged(unit.final(), unit.staged(run_id), {part.name[len(folder) + 1:] for part in parts})
+            if unit in parts:
+                _retire_spare(unit, run_id)  # the whole version makes it useless
+                whole.append(unit)
+                continue
+            unit = Unit(root, folder, changed=tuple(sorted(part.name[len(folder) + 1:] for part in parts)))
+            if not _bring_spare_up_to_date(unit, run_id):
+                _link_unchanged(unit.final(), unit.staged(run_id), set(unit.changed or ()))
             whole.append(unit)
         return whole
 
@@ -221,8 +238,11 @@ class LocalStore:
             return {}  # nothing staged: publishing it moves the published folder aside
         # The new version names itself, inside its folder, before the journal is written: after a kill, the
         # published folder is this run's or it is not, whatever the step reached (or a copy of the lake).
+        # It also says which version it changes, and where: what makes the one it swaps out a spare.
         marker = f"{VERSION_MARKER}{run_id}"
-        open(os.path.join(unit.staged(run_id), marker), "w").close()
+        changes = {"previous": _version(unit.final())[0], "changed": unit.changed}
+        with open(os.path.join(unit.staged(run_id), marker), "w", encoding="utf-8") as handle:
+            json.dump(changes, handle)
         return {"marker": marker}
 
     def publish_unit(self, unit: Unit, run_id: str, entry: dict) -> None:
@@ -230,7 +250,9 @@ class LocalStore:
             if os.path.lexists(unit.final()):  # else moved aside already, by a publish cut short
                 _move(unit.final(), unit.old(run_id))
             return
-        swap_in(unit.staged(run_id), unit.final(), unit.old(run_id), entry.get("marker"))
+        # A partial publish keeps the version it swaps out as the folder's spare; a whole one lets it go.
+        aside = unit.spare() if entry.get("changed") is not None else unit.old(run_id)
+        swap_in(unit.staged(run_id), unit.final(), aside, entry.get("marker"))
 
     def lock(self, root: str) -> Lock:
         return FileLock(root)
@@ -243,13 +265,99 @@ def _link_unchanged(final: str, staged: str, changed: Set[str]) -> None:
     """Hard links, in staged, to every file readers see in final outside the changed subfolders (staged, or
     dropped): no data is copied, and the published files stay as they are."""
     os.makedirs(staged, exist_ok=True)
-    for name in visible_files(final):
+    _link_files(final, staged, "", changed)
+
+
+def _link_files(final: str, staged: str, part: str, changed: Set[str]) -> None:
+    """Hard links, in staged, to the files readers see below final's part ("" for all of it), except those in
+    the changed subfolders."""
+    for name in visible_files(os.path.join(final, part)):
+        name = f"{part}/{name}" if part else name
         parents = name.split("/")[:-1]
         if any("/".join(parents[:depth]) in changed for depth in range(1, len(parents) + 1)):
             continue
         target = os.path.join(staged, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.link(os.path.join(final, name), target)
+
+
+def _version(folder: str) -> Tuple[Optional[str], dict]:
+    """The run that published folder, and what its marker says it changed (empty for a version published
+    whole, or by a run from before markers said so); (None, {}) if no one marker names it."""
+    markers = [name for name in os.listdir(folder) if name.startswith(VERSION_MARKER)] \
+        if os.path.isdir(folder) else []
+    if len(markers) != 1:
+        return None, {}
+    try:
+        with open(os.path.join(folder, markers[0]), encoding="utf-8") as handle:
+            changes = json.load(handle)
+    except ValueError:
+        changes = {}
+    return markers[0][len(VERSION_MARKER):], changes if isinstance(changes, dict) else {}
+
+
+def _bring_spare_up_to_date(unit: Unit, run_id: str) -> bool:
+    """Makes unit's spare this run's staged folder, if the spare is the version the published one changed:
+    the parts the published version and this run changed are removed from it, the first put back as
+    published (hard links) and the second moved in from what this run staged. The spare is first moved
+    into this run's staging, so that a kill at any step leaves it to be cleared with the staging, never
+    half brought up to date where the next run would find it. False if there is no spare to use (a stale
+    one is removed)."""
+    spare, final, staged = unit.spare(), unit.final(), unit.staged(run_id)
+    if not os.path.isdir(spare):
+        return False
+    _, published = _version(final)
+    # A published folder put back from a backup, say, may not be the version that changed the spare.
+    if _version(spare)[0] != published.get("previous") or published.get("changed") is None:
+        _retire_spare(unit, run_id)
+        return False
+    base = _retire_spare(unit, run_id)
+    for name in os.listdir(base):  # its marker, and whatever else readers skip: staged afresh, or not at all
+        if not is_visible(name):
+            _remove(os.path.join(base, name))
+    since, now = set(published["changed"]), set(unit.changed or ())
+    for part in since | now:
+        _remove(os.path.join(base, part))
+        _prune_parents(base, part)
+    for part in sorted(since - now):
+        _link_files(final, base, part, now)
+    for parent, _, files in os.walk(staged):
+        for name in files:
+            target = os.path.join(base, os.path.relpath(os.path.join(parent, name), staged))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(os.path.join(parent, name), target)
+    shutil.rmtree(staged, ignore_errors=True)  # empty folders now, or none (a folder of dropped parts only)
+    os.makedirs(os.path.dirname(staged), exist_ok=True)
+    os.rename(base, staged)
+    return True
+
+
+def _retire_spare(unit: Unit, run_id: str) -> str:
+    """unit's spare, if any, moved into this run's staging (where it is cleared with the rest, or brought up
+    to date); returns where it went."""
+    base = join(unit.root, STAGING_DIR, run_id, SPARES_DIR, unit.name)
+    if os.path.isdir(unit.spare()):
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        os.rename(unit.spare(), base)
+    return base
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _prune_parents(folder: str, part: str) -> None:
+    """The folders above part, up to folder, that part's removal left empty (as a fresh link would not
+    have made them)."""
+    parents = part.split("/")[:-1]
+    for depth in range(len(parents), 0, -1):
+        try:
+            os.rmdir(os.path.join(folder, *parents[:depth]))
+        except OSError:  # not empty, or not there
+            return
 
 
 def swap_in(staged: str, final: str, old: str, marker: Optional[str] = None) -> None:
