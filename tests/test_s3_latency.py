@@ -100,6 +100,19 @@ def cut_off_run(latency_input, s3_endpoint):
         run.stop()
 
 
+def test_the_proxy_resets_s3_connections_only_never_a_tests_own_calls_for_its_counts(latency_proxy):
+    """With every connection doomed, an S3 request is reset, and the counts are still answered: a test's
+    call is never the Nth connection that gets reset, however many the job opened before it."""
+    import http.client
+    import urllib.request
+
+    proxy = latency_proxy("--reset-every", 1)
+    assert proxy.counts()["total"] == 0
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+        urllib.request.urlopen(f"{proxy.url}/latency-in?list-type=2", timeout=10).close()
+    assert proxy.counts()["faults"] == {"reset": 1}
+
+
 def test_sample_round_trip_with_latency_and_faults_meets_the_request_budget_and_equals_a_local_run(
         spark, latency_input, latency_proxy, sample_output, tmp_path):
     client, input_files = latency_input

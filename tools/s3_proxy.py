@@ -4,8 +4,9 @@
     python tools/s3_proxy.py UPSTREAM_URL [--port N] [--delay-ms 20] [--reset-every 25] [--slowdown-every 50]
 
 - Every request waits --delay-ms before it is forwarded: the round trip of a real network.
-- Faults: every Nth new connection is reset before its first request reaches the server
-  (--reset-every), every Nth request is answered `503 SlowDown` without reaching it (--slowdown-every);
+- Faults: every Nth new S3 connection is reset before its first request reaches the server
+  (--reset-every; connections to the control endpoint below are neither reset nor counted), every Nth
+  request is answered `503 SlowDown` without reaching it (--slowdown-every);
   `POST /__proxy__/die` makes the endpoint disappear: open connections are reset, new ones refused.
 - It counts requests by S3 operation (LIST, GET, HEAD, PUT, COPY, MPU_INIT, MPU_PART, MPU_COMPLETE,
   DELETE, BULK_DELETE, ...), in all and per bucket: `GET /__proxy__/counts`, `POST /__proxy__/reset`
@@ -72,6 +73,12 @@ def request_key(target, name, body):
     from urllib.parse import unquote
 
     return unquote(urlsplit(target).path.split("/", 2)[2]) if urlsplit(target).path.count("/") >= 2 else ""
+
+
+def request_line(head):
+    """(method, target) of a request's head."""
+    method, target, _ = head.decode("latin-1").split("\r\n", 1)[0].split(" ", 2)
+    return method, target
 
 
 def read_message(sock, buffer):
@@ -171,10 +178,8 @@ class Proxy:
             except OSError:
                 return
             with self._lock:
-                self._connections += 1
-                doomed = self.reset_every and self._connections % self.reset_every == 0
                 self._open.add(client)
-            threading.Thread(target=self._serve, args=(client, doomed), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def start(self):
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -188,18 +193,30 @@ class Proxy:
             for sock in list(self._open):
                 reset(sock)
 
-    def _serve(self, client, doomed):
+    def _doomed(self, head):
+        """Whether a new connection, given its first request, is one to reset: every Nth S3 connection.
+        A test's own calls to the control endpoint are neither reset nor counted, whatever the job has
+        opened before them."""
+        if urlsplit(request_line(head)[1]).path.startswith(CONTROL):
+            return False
+        with self._lock:
+            self._connections += 1
+            return bool(self.reset_every) and self._connections % self.reset_every == 0
+
+    def _serve(self, client):
         buffer = b""
+        first = True
         try:
             while not self.dead:
                 head, body, buffer = read_message(client, buffer)
                 if head is None:
                     break
-                if doomed:
+                if first and self._doomed(head):
                     with self._lock:
                         self.faults["reset"] += 1
                     reset(client)
                     return
+                first = False
                 response = self._answer(head, body)
                 if response is None or self.dead:
                     reset(client)
@@ -216,7 +233,7 @@ class Proxy:
                 pass
 
     def _answer(self, head, body):
-        method, target, _ = head.decode("latin-1").split("\r\n", 1)[0].split(" ", 2)
+        method, target = request_line(head)
         if urlsplit(target).path.startswith(CONTROL):
             return self._control(method, urlsplit(target).path[len(CONTROL):])
         with self._lock:
