@@ -39,7 +39,7 @@ class Unit:
     root: str
     name: str
     drop: bool = False
-    # A whole folder that lake's store gathered from partition units: the parts (below the folder) this run
+    # A whole folder that LocalStore.gather made from partition units: the parts (below the folder) this run
     # changed; every other part is the published version's.
     changed: Optional[Tuple[str, ...]] = None
 
@@ -301,13 +301,13 @@ def _bring_spare_up_to_date(unit: Unit, run_id: str) -> bool:
     the parts the published version and this run changed are removed from it, the first put back as
     published (hard links) and the second moved in from what this run staged. The spare is first moved
     into this run's staging, so that a kill at any step leaves it to be cleared with the staging, never
-    half brought up to date where the next run would find it. False if there is no spare to use (a stale
-    one is removed)."""
+    half brought up to date where the next run would find it. False if there is no spare to use (one that
+    is not that version goes with the staging)."""
     spare, final, staged = unit.spare(), unit.final(), unit.staged(run_id)
     if not os.path.isdir(spare):
         return False
     _, published = _version(final)
-    # A published folder put back from a backup, say, may not be the version that changed the spare.
+    # The published folder may not be the version that changed the spare: one put back from a backup, say.
     if _version(spare)[0] != published.get("previous") or published.get("changed") is None:
         _retire_spare(unit, run_id)
         return False
