@@ -227,9 +227,10 @@ class LocalStore:
                 _retire_spare(unit, run_id)  # the whole version makes it useless
                 whole.append(unit)
                 continue
-            unit = Unit(root, folder, changed=tuple(sorted(part.name[len(folder) + 1:] for part in parts)))
+            changed = tuple(sorted(part.name[len(folder) + 1:] for part in parts))
+            unit = Unit(root, folder, changed=changed)
             if not _bring_spare_up_to_date(unit, run_id):
-                _link_unchanged(unit.final(), unit.staged(run_id), set(unit.changed or ()))
+                _link_unchanged(unit.final(), unit.staged(run_id), set(changed))
             whole.append(unit)
         return whole
 
@@ -303,15 +304,14 @@ def _bring_spare_up_to_date(unit: Unit, run_id: str) -> bool:
     into this run's staging, so that a kill at any step leaves it to be cleared with the staging, never
     half brought up to date where the next run would find it. False if there is no spare to use (one that
     is not that version goes with the staging)."""
-    spare, final, staged = unit.spare(), unit.final(), unit.staged(run_id)
-    if not os.path.isdir(spare):
-        return False
-    _, published = _version(final)
-    # The published folder may not be the version that changed the spare: one put back from a backup, say.
-    if _version(spare)[0] != published.get("previous") or published.get("changed") is None:
-        _retire_spare(unit, run_id)
+    final, staged = unit.final(), unit.staged(run_id)
+    if not os.path.isdir(unit.spare()):
         return False
     base = _retire_spare(unit, run_id)
+    _, published = _version(final)
+    # The published folder may not be the version that changed the spare: one put back from a backup, say.
+    if _version(base)[0] != published.get("previous") or published.get("changed") is None:
+        return False
     for name in os.listdir(base):  # its marker, and whatever else readers skip: staged afresh, or not at all
         if not is_visible(name):
             _remove(os.path.join(base, name))
