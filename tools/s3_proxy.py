@@ -75,6 +75,13 @@ def request_key(target, name, body):
     return unquote(urlsplit(target).path.split("/", 2)[2]) if urlsplit(target).path.count("/") >= 2 else ""
 
 
+def control_command(target):
+    """The command of a call to the proxy's own endpoint (counts, journal, reset, die), or None for an S3
+    request."""
+    path = urlsplit(target).path
+    return path[len(CONTROL):] if path.startswith(CONTROL) else None
+
+
 def request_line(head):
     """(method, target) of a request's head."""
     method, target, _ = head.decode("latin-1").split("\r\n", 1)[0].split(" ", 2)
@@ -197,7 +204,7 @@ class Proxy:
         """Whether a new connection, given its first request, is one to reset: every Nth S3 connection.
         A test's own calls to the control endpoint are neither reset nor counted, whatever the job has
         opened before them."""
-        if urlsplit(request_line(head)[1]).path.startswith(CONTROL):
+        if control_command(request_line(head)[1]) is not None:
             return False
         with self._lock:
             self._connections += 1
@@ -234,8 +241,9 @@ class Proxy:
 
     def _answer(self, head, body):
         method, target = request_line(head)
-        if urlsplit(target).path.startswith(CONTROL):
-            return self._control(method, urlsplit(target).path[len(CONTROL):])
+        command = control_command(target)
+        if command is not None:
+            return self._control(method, command)
         with self._lock:
             self._requests += 1
             slow = self.slowdown_every and self._requests % self.slowdown_every == 0
