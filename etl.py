@@ -42,12 +42,15 @@ from lake.intake import (
     LakeCopy,
     TreeIntake,
     compare,
+    from_nothing,
     load_manifest,
     new_manifest,
     partition_units,
     rejects_location,
     segment_name,
+    state_fault,
     state_paths,
+    state_rows,
     why_full,
 )
 from lake.lock import Lock
@@ -926,17 +929,25 @@ def of_files(records: DataFrame, names: Sequence[str], keep: bool = True) -> Dat
     return records.join(F.broadcast(listed), on=SOURCE_FILE, how="left_semi" if keep else "left_anti")
 
 
+def partition_value(column: str) -> Column:
+    """A partition column's value as its folder names it: the folder, not the raw value, is the unit. Spark
+    writes null and "" to one folder (Hive's default partition), so both are null here; every comparison of
+    partitions (find_touched, written_partitions, in_partitions) goes through this."""
+    value = F.col(column).cast("string")
+    return F.when(value != "", value)
+
+
 def in_partitions(frame: DataFrame, columns: Sequence[str], touched: Sequence[Tuple[Optional[str], ...]]) -> DataFrame:
-    """frame's rows in the touched partitions (values as Spark casts them to strings)."""
+    """frame's rows in the touched partitions (values as partition_value gives them)."""
     if not columns:
         return frame
     if len(touched) <= PARTITION_LITERALS:
         # A filter on partition columns alone prunes the folders a state table is read from.
-        matches = [reduce(Column.__and__, [F.col(c).cast("string").eqNullSafe(F.lit(v).cast("string"))
+        matches = [reduce(Column.__and__, [partition_value(c).eqNullSafe(F.lit(v).cast("string"))
                                            for c, v in zip(columns, values)]) for values in touched]
         return frame.filter(reduce(Column.__or__, matches, F.lit(False)))
     wanted = frame.sparkSession.createDataFrame(touched, ", ".join(f"_{c} string" for c in columns))
-    same = reduce(Column.__and__, [F.col(c).cast("string").eqNullSafe(F.col(f"_{c}")) for c in columns])
+    same = reduce(Column.__and__, [partition_value(c).eqNullSafe(F.col(f"_{c}")) for c in columns])
     return frame.join(F.broadcast(wanted), on=same, how="left_semi")
 
 
@@ -1076,36 +1087,29 @@ def build_increment(spark: SparkSession, settings: Settings, intakes: Mapping[st
     return Increment(tables, songs_new_records, events_new, changes, segments)
 
 
-def find_touched(changes: Sequence[Change]) -> None:
-    """Fills in each change's touched partitions (the partition values of its changed rows, old and new;
-    () for an unpartitioned table with any change), in one Spark job."""
-    parts = [
-        change.changed.select(F.lit(index).alias("change"),
-                              F.array(*[F.col(c).cast("string") for c in change.partition_by]).cast("array<string>")
-                              .alias("values")).distinct()
-        for index, change in enumerate(changes)
-    ]
-    if not parts:
-        return
-    for row in reduce(DataFrame.unionByName, parts).collect():
-        changes[row["change"]].touched.append(tuple(row["values"]))
-    for change in changes:
-        change.touched = sorted(set(change.touched), key=lambda values: tuple(v or "" for v in values))
-
-
-def written_partitions(contents: Sequence[Tuple[Change, DataFrame]]) -> List[List[Tuple[Optional[str], ...]]]:
-    """For each partitioned change, the touched partitions that hold rows in its new version (the others are
-    removed), in one Spark job."""
-    parts = [
-        content.select(F.lit(index).alias("change"),
-                       F.array(*[F.col(c).cast("string") for c in change.partition_by]).alias("values")).distinct()
-        for index, (change, content) in enumerate(contents)
-    ]
-    found: List[List[Tuple[Optional[str], ...]]] = [[] for _ in contents]
+def partitions_of(frames: Sequence[Tuple[DataFrame, Sequence[str]]]) -> List[List[Tuple[Optional[str], ...]]]:
+    """The distinct partitions (partition_value of each column) of each (frame, partition columns), in one
+    Spark job; () for a frame with rows and no partition columns."""
+    parts = [frame.select(F.lit(index).alias("change"),
+                          F.array(*[partition_value(c) for c in columns]).cast("array<string>").alias("values"))
+             .distinct() for index, (frame, columns) in enumerate(frames)]
+    found: List[List[Tuple[Optional[str], ...]]] = [[] for _ in frames]
     if parts:
         for row in reduce(DataFrame.unionByName, parts).collect():
             found[row["change"]].append(tuple(row["values"]))
     return found
+
+
+def find_touched(changes: Sequence[Change]) -> None:
+    """Fills in each change's touched partitions (those of its changed rows, old and new)."""
+    for change, touched in zip(changes, partitions_of([(change.changed, change.partition_by) for change in changes])):
+        change.touched = sorted(set(touched), key=lambda values: tuple(v or "" for v in values))
+
+
+def written_partitions(contents: Sequence[Tuple[Change, DataFrame]]) -> List[List[Tuple[Optional[str], ...]]]:
+    """For each partitioned change, the touched partitions that hold rows in its new version (the others are
+    removed)."""
+    return partitions_of([(content, change.partition_by) for change, content in contents])
 
 
 # --------------------------------------------------------------------------- quality gate
@@ -1549,7 +1553,7 @@ def take_stock(settings: Settings, plan: RunPlan, report: RunReport, comparable:
     for tree in (SONG_DATA, LOG_DATA):
         listed = list_tree(plan, settings.input_root, tree)
         since_last = compare(tree, listed, comparable, report.run_id)  # what the report calls new
-        intakes[tree] = since_last if reason is None else compare(tree, listed, None, report.run_id)
+        intakes[tree] = since_last if reason is None else from_nothing(since_last)
         files[tree] = since_last.counts()
     report.intake = {"mode": FULL if reason else INCREMENTAL, "why_full": reason,
                      "previous_run": (comparable or {}).get("run_id"), "files": files,
@@ -1616,8 +1620,9 @@ def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Tuple[D
 
 
 def transform_increment(spark: SparkSession, settings: Settings, report: RunReport, intakes: Mapping[str, TreeIntake],
-                        clean: Mapping[str, DataFrame], copy: LakeCopy) -> Increment:
-    """The new tables from the state and the fresh records, what changed, and the partitions it touches."""
+                        clean: Mapping[str, DataFrame], paths: Mapping[str, str]) -> Increment:
+    """The new tables from the state (read where paths say) and the fresh records, what changed, and the
+    partitions it touches."""
     with phase(report, "build tables") as counts:
         dead = sum(intake.previous[name].records for intake in intakes.values() for name in intake.dead)
         fresh = sum(report.input.get(key, 0) for key in ("song_records", "log_events"))
@@ -1626,7 +1631,6 @@ def transform_increment(spark: SparkSession, settings: Settings, report: RunRepo
             # A daily run's frames are small and its joins planned (broadcasts named): adaptive execution
             # would run each of its many small shuffles as a job of its own (101 jobs against 36, measured).
             spark.conf.set(ADAPTIVE, "false")
-        paths = state_paths(copy, settings.output_root, intakes)
         increment = build_increment(spark, settings, intakes, clean, small, paths)
         find_touched(increment.changes)
         rows = count_rows(increment.tables)
@@ -1634,9 +1638,40 @@ def transform_increment(spark: SparkSession, settings: Settings, report: RunRepo
             report.tables[name] = {"rows": rows[name]}
             counts[name] = rows[name]
         counts["partitions touched"] = sum(len(change.touched) for change in increment.changes)
+    return increment
+
+
+def count_state(spark: SparkSession, paths: Mapping[str, str], names: Sequence[str]) -> Dict[str, int]:
+    """The rows of each named state folder, in one job (a count reads the parquet footers only)."""
+    parts = [spark.read.schema("_any string").parquet(paths[name]).select(F.lit(name).alias("folder"))
+             for name in names]
+    return {row["folder"]: row["count"] for row in reduce(DataFrame.unionByName, parts).groupBy("folder").count()
+            .collect()}
+
+
+def read_state(spark: SparkSession, settings: Settings, report: RunReport, intakes: Dict[str, TreeIntake],
+               copy: LakeCopy) -> Optional[Dict[str, str]]:
+    """Where Spark reads the state a daily run builds on, fetched first if the lake keeps it on S3 and Spark
+    has no S3 reader, once each folder's rows are checked against the manifest. A folder that is missing,
+    short or unreadable would silently take its rows out of every partition the run rewrites: the run
+    becomes a full build instead (the input is all there), said in the log and the report (why_full);
+    intakes become a full build's, and None is returned."""
+    with phase(report, "check state") as counts:
+        paths = state_paths(copy, settings.output_root, intakes)
+        expected = state_rows(intakes, report.intake["previous_rows"])
+        try:
+            fault = state_fault(expected, count_state(spark, paths, sorted(expected)))
+        except Exception as exc:  # a folder Spark cannot find, a file it cannot read: the state is not usable
+            fault = f"the lake's state cannot be read: {one_line(exc)}"
         if copy.folder:
             counts["state files fetched"] = report.intake["state_files_fetched"] = copy.files
-    return increment
+        counts["folders"] = len(expected)
+    if fault is None:
+        return paths
+    LOG.warning("full build instead: %s", fault)
+    report.intake.update(mode=FULL, why_full=fault)
+    intakes.update({tree: from_nothing(intake) for tree, intake in intakes.items()})
+    return None
 
 
 def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
@@ -1650,6 +1685,8 @@ def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunR
 def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
              intakes: Mapping[str, TreeIntake], copy: LakeCopy, lock: Optional[Lock]) -> bool:
     store, run_id = plan.output_store, report.run_id
+    intakes = dict(intakes)
+    paths = read_state(spark, settings, report, intakes, copy) if report.intake["mode"] == INCREMENTAL else None
     whole = report.intake["mode"] == FULL
     clean, rejects, per_file = extract(spark, settings, report, plan, intakes, whole)
     plays = latest = increment = None
@@ -1657,7 +1694,7 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         tables, plays, latest = transform(clean[SONG_DATA], clean[LOG_DATA], report)
         songs, events = clean[SONG_DATA], clean[LOG_DATA]
     else:
-        increment = transform_increment(spark, settings, report, intakes, clean, copy)
+        increment = transform_increment(spark, settings, report, intakes, clean, cast(Dict[str, str], paths))
         tables, songs, events = increment.tables, increment.songs, increment.events
     with phase(report, "quality gate") as counts:
         pause_point("gate")
