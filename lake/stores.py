@@ -516,8 +516,8 @@ class S3Store:
             client.delete_object(Bucket=bucket, Key=probe, **({"IfMatch": etag} if enforced else {}))
             if not enforced:
                 raise EtlError(f"S3 at {self._aws.endpoint or 'the AWS endpoint'} ignores conditional writes "
-                               f"(If-None-Match/If-Match): a second create of s3://{bucket}/{probe} succeeded; the "
-                               f"lease that keeps two runs from writing {root} at once needs them")
+                               f"(If-None-Match/If-Match: a second create of one key succeeded), which the lease "
+                               f"that keeps two runs from writing {root} at once needs")
         self._checked(root, f"writing to {root}/", check)
 
     def read_json(self, path: str) -> Optional[dict]:

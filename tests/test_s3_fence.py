@@ -175,3 +175,35 @@ def test_a_retired_runs_tombstone_goes_once_its_puts_can_no_longer_land(client, 
     next_holder_recovers(client, store, root)
     assert client.list_objects_v2(Bucket=BUCKET, Prefix=f"{root.split('/', 3)[3]}/{STAGING_DIR}/")["KeyCount"] == 0
     assert lake_keys(client, root) == OLD_KEYS
+
+
+# --------------------------------------------------------------------------- the preflight's probe
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fence", "AWS_SECRET_ACCESS_KEY": "fence", "AWS_REGION": "us-east-1"}
+
+
+def all_keys(client, prefix):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/")
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def test_the_probe_of_conditional_writes_costs_three_requests_and_leaves_nothing(client, latency_proxy):
+    proxy = latency_proxy("--delay-ms", 0)
+    S3Store(AwsSettings("fence", "fence", region="us-east-1", endpoint=proxy.url)).require_fenced_writes(
+        f"s3://{BUCKET}/probed")
+    assert proxy.counts()["requests"] == {"PUT": 2, "DELETE": 1}
+    assert all_keys(client, "probed") == []
+
+
+def test_etl_refuses_an_endpoint_that_ignores_conditional_writes_before_writing_anything(
+        client, latency_proxy, run_etl):
+    proxy = latency_proxy("--delay-ms", 0, "--ignore-conditions")
+    for key in ("in/song_data/A/song.json", "in/log_data/2018/11/events.json"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"{}\n")
+    result = run_etl("--input", f"s3://{BUCKET}/in", "--output", f"s3://{BUCKET}/ignored",
+                     env={**CREDENTIALS, "AWS_ENDPOINT_URL": proxy.url})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: S3 at {proxy.url} ignores conditional writes (If-None-Match/If-Match: a second create of one key "
+        f"succeeded), which the lease that keeps two runs from writing s3://{BUCKET}/ignored at once needs"]
+    assert all_keys(client, "ignored") == []  # the probe cleaned up; no lease, no table
