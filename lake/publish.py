@@ -138,8 +138,8 @@ class DirectPublish:
         if self.journal is not None:
             return
         old = self._listing.result()
-        pause_point("journal")
         self._step()
+        pause_point("journal")
         self.journal = {"run_id": self.run_id, "direct": True, "committed": False,
                         "units": [{**vars(unit), "new": [], "old": keys} for unit, keys in zip(self.units, old)]}
         self._journal_sent = True

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, bucket_client
 from lake.aws import AwsSettings
-from lake.lock import LEASE_NAME, S3Lease
+from lake.lock import LEASE_NAME, LeaseLost, S3Lease
 from lake.publish import PAUSE_ENV, PUBLISH_JOURNAL, RETIRED_KEPT_S, recover
 from lake.stores import STAGING_DIR, S3Store, spooled_key
 
@@ -24,7 +24,8 @@ PARTITIONS = ("songs/year=2005/artist_id=AR0", "songs/year=2005/artist_id=AR1")
 OLD_KEYS = sorted([f"{partition}/part-00000-old.parquet" for partition in PARTITIONS]
                   + ["songs/year=2006/artist_id=AR2/part-00000-old.parquet"])  # a partition the run leaves alone
 PAUSE_TIMEOUT_S = 120
-# The stale writer: takes the lease, puts its new partitions in place, and is paused before its commit mark.
+# The stale writer: takes the lease, puts its new partitions in place and commits; paused (PAUSE_ENV) after a
+# check of its lease: before its journal, or before its commit mark.
 STALE_WRITER = """
 import sys
 
@@ -32,16 +33,17 @@ import boto3
 
 from lake.aws import AwsSettings
 from lake.lock import S3Lease
-from lake.publish import DirectPublish
+from lake.publish import DirectPublish, open_staging
 from lake.stores import S3Store, Unit
 
 endpoint, root, run_id, spool, *partitions = sys.argv[1:]
 client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="fence",
                       aws_secret_access_key="fence")
+store = S3Store(AwsSettings("fence", "fence", region="us-east-1", endpoint=endpoint))
 lease = S3Lease(client, root)
 lease.take(run_id)
-publish = DirectPublish(S3Store(AwsSettings("fence", "fence", region="us-east-1", endpoint=endpoint)),
-                        [Unit(root, partition) for partition in partitions], run_id, root, lease)
+open_staging(store, root, run_id)  # the run's first write, as etl.py's
+publish = DirectPublish(store, [Unit(root, partition) for partition in partitions], run_id, root, lease)
 publish.upload(Unit(root, "songs"), spool)
 try:
     publish.finish()
@@ -81,8 +83,8 @@ def read(client, root, key):
     return json.loads(client.get_object(Bucket=BUCKET, Key=f"{root.split('/', 3)[3]}/{key}")["Body"].read())
 
 
-def stale_writer(s3_endpoint, root, tmp_path):
-    """The stale writer's process, paused right before its commit mark (its lease checked just now)."""
+def stale_writer(s3_endpoint, root, tmp_path, pause):
+    """The stale writer's process, paused at pause (its lease checked just now)."""
     spool = tmp_path / "spool"
     for partition in PARTITIONS:
         path = spool / partition.split("/", 1)[1] / "part-00000-new.parquet"
@@ -90,10 +92,10 @@ def stale_writer(s3_endpoint, root, tmp_path):
         path.write_bytes(b"new")
     process = subprocess.Popen([sys.executable, "-c", STALE_WRITER, s3_endpoint, root, STALE_RUN, str(spool),
                                 *PARTITIONS], cwd=ROOT, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: "commit"})
+                               env={**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: pause})
     try:
         line = process.stderr.readline()  # blocks until the pause, or the end of the process
-        assert line.strip() == "paused at commit", line + process.stderr.read()
+        assert line.strip() == f"paused at {pause}", line + process.stderr.read()
     except BaseException:
         process.kill()
         raise
@@ -109,12 +111,12 @@ def resume(process):
     return process.returncode, stderr
 
 
-def overtaken(client, s3_endpoint, root, tmp_path, meanwhile=None):
-    """The stale writer, paused right before its commit mark, is overtaken: its lease lapses (its expiry put in
-    the past, as time would) and the next run takes the lake over and recovers it, as etl.py does; then
-    meanwhile() (the lake as that run left it), and the stale writer goes on. Returns (its exit status, its
-    stderr, the store)."""
-    process = stale_writer(s3_endpoint, root, tmp_path)
+def overtaken(client, s3_endpoint, root, tmp_path, meanwhile=None, pause="commit"):
+    """The stale writer, paused right before its commit mark (or its journal), is overtaken: its lease lapses
+    (its expiry put in the past, as time would) and the next run takes the lake over and recovers it, as
+    etl.py does; then meanwhile() (the lake as that run left it), and the stale writer goes on. Returns (its
+    exit status, its stderr, the store)."""
+    process = stale_writer(s3_endpoint, root, tmp_path, pause)
     prefix = root.split("/", 3)[3]
     lease = read(client, root, LEASE_NAME)
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/{LEASE_NAME}",
@@ -145,6 +147,27 @@ def test_a_writer_that_loses_the_lease_between_its_check_and_its_commit_mark_can
     assert "lost the lake: the run that holds it now has retired its publish journal" in stderr, stderr
     journal = read(client, root, f"{STAGING_DIR}/{STALE_RUN}/{PUBLISH_JOURNAL}")
     assert journal["retired"] and not journal["committed"]
+
+
+def test_a_writer_that_loses_the_lease_between_its_check_and_its_journal_cannot_create_it(
+        client, s3_endpoint, root, tmp_path):
+    status, stderr, _ = overtaken(client, s3_endpoint, root, tmp_path, pause="journal")
+    assert status == 1 and "lost the lake: the run that holds it now has retired its publish journal" in stderr, \
+        stderr
+    assert read(client, root, f"{STAGING_DIR}/{STALE_RUN}/{PUBLISH_JOURNAL}") == {
+        "run_id": STALE_RUN, "units": [], "retired": True, "retired_at": pytest.approx(time.time(), abs=60)}
+    assert lake_keys(client, root) == OLD_KEYS
+
+
+def test_no_put_once_the_lease_has_lapsed_by_the_runs_own_clock(client, s3_endpoint, root, tmp_path):
+    lease = S3Lease(client, root, ttl_s=1e-6)  # lapsed, by this machine's clock, before take() returns
+    lease.take("20261201T000000Z-1a95ed00")
+    (tmp_path / "part-00000.parquet").write_bytes(b"new")
+    store = S3Store(AwsSettings("fence", "fence", region="us-east-1", endpoint=s3_endpoint))
+    with pytest.raises(LeaseLost, match="could not renew its lease"):
+        store.move_files(str(tmp_path), f"{root}/songs/year=2005/artist_id=AR0", "20261201T000000Z-1a95ed00",
+                         lease.still_held)
+    assert lake_keys(client, root) == OLD_KEYS
 
 
 def test_the_next_holders_recovery_leaves_the_old_version_with_no_live_key_deleted(client, s3_endpoint, root, tmp_path):
