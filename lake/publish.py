@@ -282,8 +282,9 @@ def open_staging(store: Store, output_root: str, run_id: str) -> None:
 
 
 def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional[Lock] = None) -> Dict[str, List[str]]:
-    """Before anything else: finish a publish a killed run left half-done, then clear dead runs' staging:
-    only runs of this output (found under its own _staging/), never another output's sharing a root.
+    """Before anything else: finish a publish a killed run left half-done, or undo one it had not committed
+    (retiring it first where it may still be writing: settle), then clear dead runs' staging: only runs of
+    this output (found under its own _staging/), never another output's sharing a root.
     Returns, per run whose publish it finished, the folders that run published."""
     staging = join(output_root, STAGING_DIR)
     finished = {}
@@ -295,8 +296,8 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
         if journal and journal.get("retired"):
             # Again at each recovery while it is kept: a PUT the run had in flight may have landed since.
             withdrawn = roll_back(in_place, journal)
-            LOG.warning("run %s lost the lake before its commit mark: %d keys it put in place withdrawn",
-                        run_id, withdrawn)
+            LOG.warning("run %s, stopped before its commit mark and maybe still alive, is retired: %d keys it "
+                        "put in place withdrawn", run_id, withdrawn)
             if time.time() < journal["retired_at"] + RETIRED_KEPT_S:
                 kept.add(run_id)
         elif journal and journal.get("direct") and not journal.get("committed"):
