@@ -300,11 +300,14 @@ LOG_SCHEMA = T.StructType([
 
 def preflight(settings: Settings, plan: RunPlan) -> None:
     """Fails in seconds, before any Spark start, on the mistakes a user is likely to make: input with JSON in
-    both trees, output roots that can be written, credentials that work."""
+    both trees, output roots that can be written (the output's storage enforcing conditional writes),
+    credentials that work."""
     for tree in (SONG_DATA, LOG_DATA):
         plan.input_store.require_input(settings.input_root, tree)
-    for root in dict.fromkeys((settings.output_root, settings.rejected_root)):
-        plan.output_store.require_writable(root)
+    # The output root holds the lease and the publish journals, which fence a run that lost the lake.
+    plan.output_store.require_fenced_writes(settings.output_root)
+    if settings.rejected_root != settings.output_root:
+        plan.output_store.require_writable(settings.rejected_root)
 
 
 LINE = "line"

@@ -44,6 +44,13 @@ class Lock(Protocol):
     def check(self) -> None:
         """Raises LeaseLost unless this run still holds the lake (called before each step of the publish)."""
 
+    def still_held(self) -> None:
+        """As check, from what this run knows already, without a request: called before each PUT."""
+
+    def may_still_write(self, run_id: str) -> bool:
+        """Whether run_id, a run whose staging this run found, may still be sending writes to the lake (it
+        lost the lake while it lived, rather than died): its publish must then be fenced (lake.publish)."""
+
     @property
     def lost(self) -> Optional[str]:
         """Why this run no longer holds the lake, or None."""
@@ -77,6 +84,12 @@ class FileLock:
 
     def check(self) -> None:
         pass  # a flock is held until this process ends
+
+    def still_held(self) -> None:
+        pass
+
+    def may_still_write(self, run_id: str) -> bool:
+        return False  # the kernel releases a flock only when its process is gone
 
     @property
     def lost(self) -> Optional[str]:
@@ -112,6 +125,7 @@ class S3Lease:
         self._etag: Optional[str] = None  # of this run's last write of the lease
         self._valid_until = 0.0  # this machine's clock: no one may take the lease over before
         self._lost: Optional[str] = None
+        self._replaced: Optional[dict] = None  # the stale lease this run took over
         self._mutex = threading.Lock()  # the renewal thread and the run's checks
         self._stop = threading.Event()
         self._renewer: Optional[threading.Thread] = None
@@ -146,6 +160,7 @@ class S3Lease:
         if lease is not None:
             LOG.warning("taking over the stale lease of %s (until %s)", _holder(lease),
                         _utc(lease.get("expires_at", 0)))
+        self._replaced = lease
         self._run_id = run_id
         condition = {"IfMatch": etag} if lease is not None else {"IfNoneMatch": "*"}
         held, now = self._write(condition)
@@ -206,11 +221,22 @@ class S3Lease:
         """Renews the lease now, so the step that follows has its whole TTL; raises LeaseLost if this run no
         longer holds it, or can no longer be sure it will for LEASE_MARGIN_S."""
         self.renew()
+        self.still_held()
+
+    def still_held(self) -> None:
+        """Raises LeaseLost if this run knows it lost the lease, or has less than LEASE_MARGIN_S of it left
+        by its own clock: no request is sent once a successor may have taken over."""
         if self._lost:
             raise LeaseLost(self._lost)
         if time.time() > self._valid_until - min(LEASE_MARGIN_S, self._ttl_s / 2):
             self._lost = f"this run could not renew its lease on {self.root} in time"
             raise LeaseLost(self._lost)
+
+    def may_still_write(self, run_id: str) -> bool:
+        """Only the holder of the lease this run took over is known to be gone, and only if it ran on this
+        machine and its process has ended; any other run may have been stalled past its lease, not dead."""
+        replaced = self._replaced or {}
+        return replaced.get("run_id") != run_id or not _process_gone(replaced)
 
     def release(self) -> None:
         self._stop.set()
@@ -230,8 +256,11 @@ class S3Lease:
 
 def is_stale(lease: dict) -> bool:
     """Not renewed in time, or its holder ran on this machine, in this pid namespace, and is gone."""
-    if lease.get("expires_at", 0) < time.time():
-        return True
+    return lease.get("expires_at", 0) < time.time() or _process_gone(lease)
+
+
+def _process_gone(lease: dict) -> bool:
+    """Whether the lease's holder ran on this machine, in this pid namespace, and its process has ended."""
     here = (socket.gethostname(), _boot_id(), _pid_namespace())
     if None in here[1:] or (lease.get("host"), lease.get("boot_id"), lease.get("pid_namespace")) != here:
         return False  # another machine, boot or container: only its expiry can tell

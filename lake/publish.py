@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, cast
 
-from lake.lock import Lock
+from lake.lock import LEASE_TTL_S, LeaseLost, Lock
 from lake.paths import join
 from lake.stores import STAGING_DIR, InPlaceStore, Store, Unit
 
@@ -18,6 +18,11 @@ LOG = logging.getLogger("sparkify_etl")
 PUBLISH_JOURNAL = "_PUBLISH.json"
 RUN_MARKER = "_RUN.json"
 PAUSE_ENV = "SPARKIFY_PAUSE_AT"
+# How long the journal of a run retired by recovery (its tombstone) is kept, with the run's keys withdrawn
+# again by each recovery meanwhile: a run sends no request once its lease has lapsed by its own clock
+# (Lock.still_held, before each PUT), and one in flight then lands within its attempts (lake.aws: 5 attempts,
+# 25 s timeouts, at most 30 s of backoff).
+RETIRED_KEPT_S = LEASE_TTL_S
 
 
 class PublishCutShort(Exception):
@@ -33,6 +38,20 @@ def journal_path(output_root: str, run_id: str) -> str:
     return join(output_root, STAGING_DIR, run_id, PUBLISH_JOURNAL)
 
 
+def create_journal(store: Store, path: str, journal: dict) -> str:
+    """The journal, created only where there is none (If-None-Match: * on S3): a run whose journal the
+    next holder of the lake has retired (recover) cannot write one after all. Returns its version."""
+    version = store.write_json_if(path, journal, None)
+    if version is None:
+        raise retired(journal["run_id"], path)
+    return version
+
+
+def retired(run_id: str, path: str) -> LeaseLost:
+    return LeaseLost(f"this run ({run_id}) lost the lake: the run that holds it now has retired its publish "
+                     f"journal {path}")
+
+
 def publish(store: Store, units: Sequence[Unit], run_id: str, output_root: str, lock: Optional[Lock] = None) -> None:
     """Makes the staged units the published ones. The journal, written first, lets the next run finish a
     publish that was killed half-way; the store adds what it needs to finish (on S3, the keys). A run that
@@ -42,7 +61,7 @@ def publish(store: Store, units: Sequence[Unit], run_id: str, output_root: str, 
     journal = {"run_id": run_id, "units": [{**vars(unit), **store.plan_publish(unit, run_id)} for unit in units]}
     if lock:
         lock.check()
-    store.write_json(journal_path(output_root, run_id), journal)
+    create_journal(store, journal_path(output_root, run_id), journal)
     try:
         pause_point("publish")
         finish_publish(store, journal, lock)
@@ -92,6 +111,7 @@ class DirectPublish:
         self.store, self.units, self.run_id, self.lock = store, list(units), run_id, lock
         self.path = journal_path(output_root, run_id)
         self.journal: Optional[dict] = None
+        self._version: Optional[str] = None  # of the journal as this run wrote it
         self.put = self.deleted = 0
         self.committed = self._journal_sent = False
         self._failed: Optional[BaseException] = None
@@ -118,18 +138,19 @@ class DirectPublish:
         if self.journal is not None:
             return
         old = self._listing.result()
-        pause_point("journal")
         self._step()
+        pause_point("journal")
         self.journal = {"run_id": self.run_id, "direct": True, "committed": False,
                         "units": [{**vars(unit), "new": [], "old": keys} for unit, keys in zip(self.units, old)]}
         self._journal_sent = True
-        self.store.write_json(self.path, self.journal)
+        self._version = create_journal(self.store, self.path, self.journal)
 
     def _upload(self, unit: Unit, folder: str) -> None:
         try:
             self._begin()
             self._step()
-            self.put += self.store.move_files(folder, unit.final(), self.run_id)
+            self.put += self.store.move_files(folder, unit.final(), self.run_id,
+                                              self.lock.still_held if self.lock else None)
         except BaseException as exc:
             self._failed = self._failed or exc
             raise
@@ -167,11 +188,20 @@ class DirectPublish:
                                 if key.startswith(below) and not key.endswith("/")]
                 entry["old"] = sorted(set(entry["old"]) - set(entry["new"]))
         journal["committed"] = True
+        pause_point("commit")
         # From the commit mark's request on, only forward: a request that fails may still have landed, so
         # the run never rolls back after it (abort), and the next run finds out which way to go.
         self.committed, self.journal = True, journal
         try:
-            self.store.write_json(self.path, journal)
+            # A compare-and-swap on the journal this run wrote: if the next holder of the lake has retired
+            # it (recover), the mark is refused, and the publish is that holder's to undo.
+            version = self.store.write_json_if(self.path, journal, self._version)
+        except Exception as exc:
+            raise PublishCutShort(exc) from exc
+        if version is None:
+            self.committed = False  # refused: it never landed
+            raise retired(self.run_id, self.path)
+        try:
             pause_point("committed")
             self.deleted = roll_forward(self.store, journal, self.lock)
         except Exception as exc:
@@ -190,7 +220,9 @@ class DirectPublish:
             return  # nothing was put in place
         try:
             withdrawn = roll_back(self.store, {"run_id": self.run_id, "units": [vars(unit) for unit in self.units]})
-            self.store.remove(self.path.rsplit("/", 1)[0], [PUBLISH_JOURNAL])
+            # Only the journal this run wrote: a tombstone the next holder wrote over it stays (recover).
+            if self._version is not None and not self.store.delete_json_if(self.path, self._version):
+                LOG.warning("the journal of this run was retired by the run that holds the lake now")
             LOG.warning("the publish was undone: %d files this run had put in place deleted", withdrawn)
         except Exception as exc:
             raise PublishCutShort(exc) from exc
@@ -250,16 +282,25 @@ def open_staging(store: Store, output_root: str, run_id: str) -> None:
 
 
 def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional[Lock] = None) -> Dict[str, List[str]]:
-    """Before anything else: finish a publish a killed run left half-done, then clear dead runs' staging:
-    only runs of this output (found under its own _staging/), never another output's sharing a root.
+    """Before anything else: finish a publish a killed run left half-done, or undo one it had not committed
+    (retiring it first where it may still be writing: settle), then clear dead runs' staging: only runs of
+    this output (found under its own _staging/), never another output's sharing a root.
     Returns, per run whose publish it finished, the folders that run published."""
     staging = join(output_root, STAGING_DIR)
     finished = {}
     dead_runs = store.children(staging)
+    kept = set()
     for run_id in dead_runs:
-        journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
+        journal = settle(store, join(staging, run_id, PUBLISH_JOURNAL), run_id, lock)
         in_place = cast(InPlaceStore, store)  # only DirectPublish writes a "direct" journal, on S3
-        if journal and journal.get("direct") and not journal.get("committed"):
+        if journal and journal.get("retired"):
+            # Again at each recovery while it is kept: a PUT the run had in flight may have landed since.
+            withdrawn = roll_back(in_place, journal)
+            LOG.warning("run %s, stopped before its commit mark and maybe still alive, is retired: %d keys it "
+                        "put in place withdrawn", run_id, withdrawn)
+            if time.time() < journal["retired_at"] + RETIRED_KEPT_S:
+                kept.add(run_id)
+        elif journal and journal.get("direct") and not journal.get("committed"):
             LOG.warning("undoing the publish of run %s, which was stopped before its commit mark", run_id)
             roll_back(in_place, journal)
         elif journal:
@@ -270,17 +311,44 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
                 finish_publish(store, journal, lock)
             finished[run_id] = published_folders([journal_unit(entry) for entry in journal["units"]])
     for run_id in dead_runs:
-        clear_staging(store, roots, output_root, run_id)
+        clear_staging(store, roots, output_root, run_id, keep_journal=run_id in kept)
     pause_point("recovered")
     return finished
 
 
-def clear_staging(store: Store, roots: Sequence[str], output_root: str, run_id: str) -> None:
+def settle(store: Store, path: str, run_id: str, lock: Optional[Lock]) -> Optional[dict]:
+    """A dead run's journal as recovery acts on it. A run that may still be writing (it lost the lake while it
+    lived: Lock.may_still_write) and had not decided its publish (no journal, or a direct one before its
+    commit mark) is first retired: its journal replaced by a tombstone, compare-and-swap on the version read,
+    so that the run's own create of its journal, or its commit mark, is refused from then on, whenever it
+    comes. Returns the tombstone then; if the run wrote first, what it wrote is looked at again."""
+    journal, version = store.read_json_tagged(path)
+    while lock is not None and lock.may_still_write(run_id) and not decided(journal):
+        tombstone = {**(journal or {"run_id": run_id, "units": []}), "retired": True,
+                     "retired_at": time.time()}
+        if store.write_json_if(path, tombstone, version) is not None:
+            return tombstone
+        journal, version = store.read_json_tagged(path)
+    return journal
+
+
+def decided(journal: Optional[dict]) -> bool:
+    """A journal that recovery finishes (or a tombstone): a staged publish's, or a direct one's commit mark."""
+    return journal is not None and bool(journal.get("retired") or journal.get("committed")
+                                        or not journal.get("direct"))
+
+
+def clear_staging(store: Store, roots: Sequence[str], output_root: str, run_id: str,
+                  keep_journal: bool = False) -> None:
     """A run's staging goes, journal first (a journal without its staged files would mean nothing), and its
-    folder under the output last: until then, recovery knows the run's staging under the other roots."""
-    store.remove(join(output_root, STAGING_DIR, run_id), [PUBLISH_JOURNAL])
+    folder under the output last: until then, recovery knows the run's staging under the other roots. A
+    retired run's journal may be kept (recover): its tombstone, then, is all that is left of it."""
+    if not keep_journal:
+        store.remove(join(output_root, STAGING_DIR, run_id), [PUBLISH_JOURNAL])
     for root in sorted(roots, key=lambda root: root == output_root):
-        store.remove(join(root, STAGING_DIR, run_id))
+        folder = join(root, STAGING_DIR, run_id)
+        store.remove(folder, [key for key in store.keys(folder) if key != PUBLISH_JOURNAL]
+                     if keep_journal and root == output_root else None)
         store.prune(join(root, STAGING_DIR))
 
 

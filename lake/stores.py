@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from lake.aws import S3_ATTEMPTS, AwsSettings, s3_client, s3_client_settings, s3_error
 from lake.errors import EtlError
-from lake.lock import FileLock, Lock, S3Lease
+from lake.lock import CONDITION_FAILED, FileLock, Lock, S3Lease
 from lake.paths import is_input_file, is_visible, is_visible_file, join, split_s3, visible_files
 
 LOG = logging.getLogger("sparkify_etl")
@@ -26,6 +27,9 @@ SPARES_DIR = "_spare"
 # which the run changed only some parts, which version it changed and which parts.
 VERSION_MARKER = "_RUN_"
 PREFLIGHT_PROBE = "_preflight-probe"
+LOCAL_VERSION = "local"  # a local document's version: only the flock's holder writes it
+# S3's answers to a create (If-None-Match: *) of a key that exists: 412, or 409 while another is in flight.
+CREATE_REFUSED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 # S3: requests in flight, and keys per DeleteObjects (S3's maximum).
 S3_REQUESTS_IN_FLIGHT = 64
 S3_DELETE_BATCH = 1000
@@ -84,9 +88,24 @@ class Store(Protocol):
     def require_writable(self, root: str) -> None:
         """Fails with one line unless this run can write below root."""
 
+    def require_fenced_writes(self, root: str) -> None:
+        """As require_writable, for the output root: also fails with one line unless the storage enforces
+        the conditional writes that fence a run that lost the lake (the lease, the publish journal)."""
+
     def read_json(self, path: str) -> Optional[dict]: ...
 
     def write_json(self, path: str, document: dict) -> None: ...
+
+    def read_json_tagged(self, path: str) -> Tuple[Optional[dict], Optional[str]]:
+        """The document and its version (an ETag on S3), or (None, None) if there is none."""
+
+    def write_json_if(self, path: str, document: dict, version: Optional[str]) -> Optional[str]:
+        """Writes the document only if path holds that version now (None: only if there is no document);
+        returns the new version, or None if the condition failed. Where only one run can ever write (a
+        flock), the condition always holds."""
+
+    def delete_json_if(self, path: str, version: str) -> bool:
+        """Deletes the document only if path holds that version; whether it did."""
 
     def children(self, path: str) -> List[str]: ...
 
@@ -124,9 +143,10 @@ class InPlaceStore(Store, Protocol):
     def published_keys(self, units: Sequence[Unit]) -> List[List[str]]:
         """For each unit, the keys published below its folder now."""
 
-    def move_files(self, folder: str, target: str, run_id: str) -> int:
+    def move_files(self, folder: str, target: str, run_id: str,
+                   before_each: Optional[Callable[[], None]] = None) -> int:
         """PUTs a local folder's files into target under this run's names, removing each once it is up;
-        returns how many."""
+        before_each (raising to stop) is called before each PUT; returns how many."""
 
     def copy(self, source: str, target: str, keys: Sequence[str]) -> None:
         """Copies the keys below source to the same keys below target."""
@@ -170,12 +190,29 @@ class LocalStore:
         if not os.access(root, os.W_OK):
             raise EtlError(f"output folder is not writable: {root}")
 
+    def require_fenced_writes(self, root: str) -> None:
+        self.require_writable(root)  # a flock (lake.lock.FileLock) needs no more of the disk
+
     def read_json(self, path: str) -> Optional[dict]:
         try:
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)
         except (OSError, ValueError):
             return None
+
+    # Conditional documents: one run at a time holds the flock, and no run outlives it (lake.lock.FileLock).
+
+    def read_json_tagged(self, path: str) -> Tuple[Optional[dict], Optional[str]]:
+        document = self.read_json(path)
+        return document, None if document is None else LOCAL_VERSION
+
+    def write_json_if(self, path: str, document: dict, version: Optional[str]) -> Optional[str]:
+        self.write_json(path, document)
+        return LOCAL_VERSION
+
+    def delete_json_if(self, path: str, version: str) -> bool:
+        self.remove(os.path.dirname(path), [os.path.basename(path)])
+        return True
 
     def write_json(self, path: str, document: dict) -> None:
         # Write aside, then rename: a reader or a crash never sees half a file.
@@ -459,6 +496,30 @@ class S3Store:
             client.delete_object(Bucket=bucket, Key=probe)
         self._checked(root, f"writing to {root}/", check)
 
+    def require_fenced_writes(self, root: str) -> None:
+        """Creates a probe key under the root's "_" area with If-None-Match: * twice: the second must be
+        refused, or the endpoint ignores conditional writes (older MinIO, some gateways), and the lease and
+        the journal, compare-and-swap both, would be last-writer-wins. Three requests: two PUTs, a DELETE."""
+        bucket, prefix = split_s3(root)
+        probe = "/".join(p for p in (prefix, f"{PREFLIGHT_PROBE}-{uuid.uuid4().hex}") if p)
+
+        def check() -> None:
+            client = s3_client(self._aws)
+            etag = client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")["ETag"]
+            try:
+                client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+                enforced = False
+            except client.exceptions.ClientError as exc:
+                if _code(exc) not in CREATE_REFUSED:
+                    raise
+                enforced = True
+            client.delete_object(Bucket=bucket, Key=probe, **({"IfMatch": etag} if enforced else {}))
+            if not enforced:
+                raise EtlError(f"S3 at {self._aws.endpoint or 'the AWS endpoint'} ignores conditional writes "
+                               f"(If-None-Match/If-Match: a second create of one key succeeded), which the lease "
+                               f"that keeps two runs from writing {root} at once needs")
+        self._checked(root, f"writing to {root}/", check)
+
     def read_json(self, path: str) -> Optional[dict]:
         bucket, key = split_s3(path)
         try:
@@ -467,9 +528,41 @@ class S3Store:
             return None
 
     def write_json(self, path: str, document: dict) -> None:
+        self._put_json(path, document, {})
+
+    def _put_json(self, path: str, document: dict, condition: dict) -> str:
         bucket, key = split_s3(path)
-        self._client.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=2).encode() + b"\n",
-                                ContentType="application/json")
+        return self._client.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=2).encode() + b"\n",
+                                       ContentType="application/json", **condition)["ETag"]
+
+    def read_json_tagged(self, path: str) -> Tuple[Optional[dict], Optional[str]]:
+        bucket, key = split_s3(path)
+        try:
+            answer = self._client.get_object(Bucket=bucket, Key=key)
+        except self._client.exceptions.NoSuchKey:
+            return None, None
+        return json.loads(answer["Body"].read()), answer["ETag"]
+
+    def write_json_if(self, path: str, document: dict, version: Optional[str]) -> Optional[str]:
+        try:
+            return self._put_json(path, document, {"IfMatch": version} if version else {"IfNoneMatch": "*"})
+        except self._client.exceptions.ClientError as exc:
+            if _code(exc) not in CONDITION_FAILED:
+                raise
+        # Refused: another writer's document now, unless this very write landed and only its answer was
+        # lost (the retry then met it).
+        now, etag = self.read_json_tagged(path)
+        return etag if now == document else None
+
+    def delete_json_if(self, path: str, version: str) -> bool:
+        bucket, key = split_s3(path)
+        try:
+            self._client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
+        except self._client.exceptions.ClientError as exc:
+            if _code(exc) not in CONDITION_FAILED:
+                raise
+            return False
+        return True
 
     def keys(self, path: str) -> List[str]:
         """Every key below path, relative to it: one LIST request per 1,000 keys, whatever the depth."""
@@ -559,7 +652,8 @@ class S3Store:
                          [key[len(below) + 1:] for key in sorted(keys) if key.startswith(f"{below}/")])
         return found
 
-    def move_files(self, folder: str, target: str, run_id: str) -> int:
+    def move_files(self, folder: str, target: str, run_id: str,
+                   before_each: Optional[Callable[[], None]] = None) -> int:
         """PUTs every visible file below a local folder (a spool) into target, under its spooled_key, one
         request each, many at once, and removes each local file once it is up; returns how many. Each object
         is written once: nothing is copied afterwards. Removing the files as they go spreads the spool's
@@ -569,6 +663,8 @@ class S3Store:
         names = list(visible_files(folder))
 
         def put(name: str) -> None:
+            if before_each:
+                before_each()
             path = os.path.join(folder, name)
             with open(path, "rb") as body:
                 self._client.put_object(Bucket=bucket, Key=f"{prefix}/{spooled_key(name, run_id)}", Body=body)
@@ -616,6 +712,10 @@ def folder_prefix(prefix: str) -> str:
     """The listing prefix of what is below a folder: "" at a bucket's root (s3://bucket), where "/" would
     list nothing (and a lake there would look empty to every run)."""
     return f"{prefix}/" if prefix else ""
+
+
+def _code(exc: Exception) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
 
 def spooled_key(name: str, run_id: str) -> str:

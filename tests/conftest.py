@@ -205,6 +205,16 @@ def spark_cluster(tmp_path_factory):
                     continue
 
 
+def bucket_client(endpoint, bucket):
+    """A boto3 client on the test server, and a bucket of its own created on it."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test")
+    client.create_bucket(Bucket=bucket)
+    return client
+
+
 def s3_with_sample(endpoint, input_bucket, lake_bucket, extra):
     """A boto3 client on the test server, with the sample and the extra {key: bytes} in input_bucket."""
     import boto3

@@ -5,9 +5,9 @@ import json
 import socket
 import time
 
-import boto3
 import pytest
 
+from conftest import bucket_client
 from lake.aws import AwsSettings
 from lake.errors import EtlError
 from lake.lock import LEASE_NAME, LeaseLost, S3Lease, is_stale
@@ -20,10 +20,7 @@ DEAD = {"run_id": "20261124T000000Z-deadbeef", "host": "elsewhere", "pid": 1}
 
 @pytest.fixture(scope="module")
 def client(s3_endpoint):
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="lease",
-                          aws_secret_access_key="lease")
-    client.create_bucket(Bucket=BUCKET)
-    return client
+    return bucket_client(s3_endpoint, BUCKET)
 
 
 @pytest.fixture

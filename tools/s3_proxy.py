@@ -2,12 +2,15 @@
 """An S3 endpoint that behaves like S3 over a network: a proxy in front of a local S3 server (moto).
 
     python tools/s3_proxy.py UPSTREAM_URL [--port N] [--delay-ms 20] [--reset-every 25] [--slowdown-every 50]
+                             [--ignore-conditions]
 
 - Every request waits --delay-ms before it is forwarded: the round trip of a real network.
 - Faults: every Nth new S3 connection is reset before its first request reaches the server
   (--reset-every; connections to the control endpoint below are neither reset nor counted), every Nth
   request is answered `503 SlowDown` without reaching it (--slowdown-every);
   `POST /__proxy__/die` makes the endpoint disappear: open connections are reset, new ones refused.
+- --ignore-conditions strips If-None-Match and If-Match from every request: an endpoint that ignores
+  conditional writes (older MinIO, some gateways), on which a compare-and-swap always succeeds.
 - It counts requests by S3 operation (LIST, GET, HEAD, PUT, COPY, MPU_INIT, MPU_PART, MPU_COMPLETE,
   DELETE, BULK_DELETE, ...), in all and per bucket: `GET /__proxy__/counts`, `POST /__proxy__/reset`
   (zeroes the counts); with --journal, `GET /__proxy__/journal` gives each request's time and key too
@@ -29,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 CONTROL = "/__proxy__/"
 HEADER_END = b"\r\n\r\n"
+CONDITIONS = ("if-none-match", "if-match")
 READ_CHUNK = 65536
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                  b'<Message>Please reduce your request rate.</Message></Error>')
@@ -139,11 +143,12 @@ def parse_headers(head):
     return {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
 
 
-def reframe(head, body):
-    """The same message with a Content-Length, no chunking, and no Connection header of its own."""
+def reframe(head, body, drop=()):
+    """The same message with a Content-Length, no chunking, no Connection header of its own, and none of the
+    headers named in drop."""
     lines = head.decode("latin-1").split("\r\n")
     kept = [line for line in lines[1:] if line.split(":", 1)[0].strip().lower()
-            not in ("content-length", "transfer-encoding", "connection", "keep-alive", "expect")]
+            not in ("content-length", "transfer-encoding", "connection", "keep-alive", "expect", *drop)]
     return "\r\n".join([lines[0], *kept, f"Content-Length: {len(body)}"]).encode("latin-1")
 
 
@@ -157,11 +162,13 @@ def reset(sock):
 
 
 class Proxy:
-    def __init__(self, upstream, port=0, delay_ms=0.0, reset_every=0, slowdown_every=0, journal=False):
+    def __init__(self, upstream, port=0, delay_ms=0.0, reset_every=0, slowdown_every=0, journal=False,
+                 ignore_conditions=False):
         url = urlsplit(upstream)
         self.upstream = (url.hostname, url.port or 80)
         self.delay_s = delay_ms / 1000
         self.reset_every, self.slowdown_every = reset_every, slowdown_every
+        self.dropped = CONDITIONS if ignore_conditions else ()
         self.counts = Counter()
         self.by_bucket = {}  # bucket -> Counter: input and output buckets apart
         self.journal = [] if journal else None  # (time, operation, bucket, key) of every request, when asked for
@@ -267,7 +274,7 @@ class Proxy:
         if self.dead:
             return None
         with socket.create_connection(self.upstream, timeout=UPSTREAM_TIMEOUT_S) as upstream:
-            upstream.sendall(reframe(head, body) + HEADER_END + body)
+            upstream.sendall(reframe(head, body, self.dropped) + HEADER_END + body)
             answer = b""
             while True:
                 chunk = upstream.recv(READ_CHUNK)
@@ -328,10 +335,13 @@ def main(argv=None):
     parser.add_argument("--reset-every", type=int, default=0, help="reset every Nth connection (0: never)")
     parser.add_argument("--slowdown-every", type=int, default=0, help="503 SlowDown every Nth request (0: never)")
     parser.add_argument("--journal", action="store_true", help="keep every request's time, for GET /__proxy__/journal")
+    parser.add_argument("--ignore-conditions", action="store_true",
+                        help="strip If-None-Match and If-Match: an endpoint that ignores conditional writes")
     args = parser.parse_args(argv)
     if urlsplit(args.upstream).hostname not in ("127.0.0.1", "localhost"):
         parser.error("the upstream must be on loopback")
-    proxy = Proxy(args.upstream, args.port, args.delay_ms, args.reset_every, args.slowdown_every, args.journal)
+    proxy = Proxy(args.upstream, args.port, args.delay_ms, args.reset_every, args.slowdown_every, args.journal,
+                  args.ignore_conditions)
     print(f"listening on {proxy.url}", flush=True)
     try:
         proxy.serve_forever()
