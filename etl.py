@@ -1780,7 +1780,8 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
         open_staging(store, settings.output_root, report.run_id)
         begin_report(store, report, finished)
     except Exception as exc:
-        print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
+        detail = str(exc) if isinstance(exc, EtlError) else one_line(exc)
+        print(f"error: cannot prepare {settings.output_root}: {detail}", file=sys.stderr)
         return 1
     started = None
     try:

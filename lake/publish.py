@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, cast
 
+from lake.errors import EtlError
 from lake.lock import Lock
 from lake.paths import join
 from lake.stores import STAGING_DIR, InPlaceStore, Store, Unit
@@ -40,6 +41,7 @@ def publish(store: Store, units: Sequence[Unit], run_id: str, output_root: str, 
     PublishCutShort if it stops once the journal is written."""
     units = store.gather(units, run_id)
     journal = {"run_id": run_id, "units": [{**vars(unit), **store.plan_publish(unit, run_id)} for unit in units]}
+    store.sync_staged(units)  # the journal must never name staged data a power cut could lose
     if lock:
         lock.check()
     store.write_json(journal_path(output_root, run_id), journal)
@@ -256,8 +258,9 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
     staging = join(output_root, STAGING_DIR)
     finished = {}
     dead_runs = store.children(staging)
+    journals = {run_id: read_journal(store, join(staging, run_id)) for run_id in dead_runs}  # all, before any step
     for run_id in dead_runs:
-        journal = store.read_json(join(staging, run_id, PUBLISH_JOURNAL))
+        journal = journals[run_id]
         in_place = cast(InPlaceStore, store)  # only DirectPublish writes a "direct" journal, on S3
         if journal and journal.get("direct") and not journal.get("committed"):
             LOG.warning("undoing the publish of run %s, which was stopped before its commit mark", run_id)
@@ -273,6 +276,24 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
         clear_staging(store, roots, output_root, run_id)
     pause_point("recovered")
     return finished
+
+
+def read_journal(store: Store, folder: str) -> Optional[dict]:
+    """The journal in a dead run's staging folder, or None if it has none. One that is there but cannot be
+    read (empty or cut short: a power cut before it was durable, a disk fault) fails closed: without it no
+    one can tell which tables the run swapped, and clearing its staging would lose the versions it holds."""
+    path = join(folder, PUBLISH_JOURNAL)
+    try:
+        journal = store.read_json(path)
+    except ValueError:
+        journal = None
+    if isinstance(journal, dict) and isinstance(journal.get("units"), list):
+        return journal
+    if journal is None and PUBLISH_JOURNAL not in store.keys(folder):
+        return None
+    raise EtlError(f"the publish journal {path} cannot be read, so the run that wrote it cannot be finished; "
+                   f"nothing was changed. Restore the output from a backup, or remove {folder} and run again "
+                   f"with --full")
 
 
 def clear_staging(store: Store, roots: Sequence[str], output_root: str, run_id: str) -> None:
