@@ -64,6 +64,7 @@ from lake.plan import (
     stop_unused,
 )
 from lake.publish import DirectPublish, PublishCutShort, open_staging, pause_point, publish, published_folders, recover
+from lake.rejects import claim_rejects_root
 from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
 from lake.stores import InPlaceStore, Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
@@ -297,7 +298,9 @@ LOG_SCHEMA = T.StructType([
 
 def preflight(settings: Settings, plan: RunPlan) -> None:
     """Fails in seconds, before any Spark start, on the mistakes a user is likely to make: input with JSON in
-    both trees, output roots that can be written, credentials that work."""
+    both trees, output roots that can be written, credentials that work. First, before anything is read: a
+    rejects root another lake has claimed."""
+    claim_rejects_root(plan.output_store, settings.output_root, settings.rejected_root)
     for tree in (SONG_DATA, LOG_DATA):
         plan.input_store.require_input(settings.input_root, tree)
     for root in dict.fromkeys((settings.output_root, settings.rejected_root)):

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from lake.aws import S3_ATTEMPTS, AwsSettings, s3_client, s3_client_settings, s3_error
 from lake.errors import EtlError
-from lake.lock import FileLock, Lock, S3Lease
+from lake.lock import CONDITION_FAILED, FileLock, Lock, S3Lease
 from lake.paths import is_input_file, is_visible, is_visible_file, join, split_s3, visible_files
 
 LOG = logging.getLogger("sparkify_etl")
@@ -87,6 +87,10 @@ class Store(Protocol):
     def read_json(self, path: str) -> Optional[dict]: ...
 
     def write_json(self, path: str, document: dict) -> None: ...
+
+    def create_json(self, path: str, document: dict) -> dict:
+        """Creates path holding document unless path exists; returns what path holds now (document, the one
+        found, or {} if that cannot be read). Atomic: of two runs at once, one creates, the other reads."""
 
     def children(self, path: str) -> List[str]: ...
 
@@ -185,13 +189,23 @@ class LocalStore:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Durable before anything depends on it: the file's data before its name, the name before the next
         # step (a power cut must not leave the journal's name with no content, and later renames done).
-        partial = f"{path}.{os.getpid()}.partial"
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(document, indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        partial = _write_aside(path, document)
         os.replace(partial, path)
         sync_folders(path)
+
+    def create_json(self, path: str, document: dict) -> dict:
+        # A hard link to a file written aside: created with its content in one step, and never over
+        # another (link fails where the name exists, as O_EXCL would, without showing an empty file).
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = _write_aside(path, document)
+        try:
+            os.link(partial, path)
+            sync_folders(path)
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(partial)
+        return self.read_json(path) or {}
 
     def children(self, path: str) -> List[str]:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
@@ -277,6 +291,16 @@ class LocalStore:
 
     def unreachable(self, root: str) -> Optional[str]:
         return None
+
+
+def _write_aside(path: str, document: dict) -> str:
+    """document as JSON in a file beside path, on disk (fsynced); returns the file's name."""
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(document, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return partial
 
 
 def _link_unchanged(final: str, staged: str, changed: Set[str]) -> None:
@@ -519,6 +543,22 @@ class S3Store:
         bucket, key = split_s3(path)
         self._client.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=2).encode() + b"\n",
                                 ContentType="application/json")
+
+    def create_json(self, path: str, document: dict) -> dict:
+        bucket, key = split_s3(path)
+
+        def create() -> None:
+            try:
+                self._client.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=2).encode() + b"\n",
+                                        ContentType="application/json", IfNoneMatch="*")
+            except self._client.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in (*CONDITION_FAILED, "ConditionalRequestConflict"):
+                    raise  # else there is one already (or this very PUT landed, and its retry met it)
+        self._checked(path, f"creating {path}", create)
+        try:
+            return self.read_json(path) or {}
+        except ValueError:
+            return {}
 
     def keys(self, path: str) -> List[str]:
         """Every key below path, relative to it: one LIST request per 1,000 keys, whatever the depth."""
