@@ -29,9 +29,10 @@ def small_input(root):
 
 
 def rejected_files(files):
-    """The source file names of the rejected lines among {relative path: content}."""
+    """The source file names of the rejected lines among {relative path: content} (part files: locally
+    part-*, on S3 <run id>-part-*)."""
     return sorted(json.loads(line)["source_file"].rsplit("/", 1)[-1] for name, content in files.items()
-                  if "/part-" in f"/{name}" for line in content.splitlines())
+                  if "part-" in name.rsplit("/", 1)[-1] for line in content.splitlines())
 
 
 def error_lines(stderr):
