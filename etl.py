@@ -67,6 +67,7 @@ from lake.plan import (
     stop_unused,
 )
 from lake.publish import DirectPublish, PublishCutShort, open_staging, pause_point, publish, published_folders, recover
+from lake.rejects import claim_rejects_root
 from lake.report import RUNS_DIR, Check, RunReport, begin_report, end_report, phase
 from lake.stores import InPlaceStore, Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
@@ -301,7 +302,8 @@ LOG_SCHEMA = T.StructType([
 def preflight(settings: Settings, plan: RunPlan) -> None:
     """Fails in seconds, before any Spark start, on the mistakes a user is likely to make: input with JSON in
     both trees, output roots that can be written (the output's storage enforcing conditional writes),
-    credentials that work."""
+    credentials that work. First, before any input is looked at: a rejects root another lake has claimed."""
+    claim_rejects_root(plan.output_store, settings.output_root, settings.rejected_root)
     for tree in (SONG_DATA, LOG_DATA):
         plan.input_store.require_input(settings.input_root, tree)
     # The output root holds the lease and the publish journals, which fence a run that lost the lake.
@@ -1820,7 +1822,8 @@ def locked_run(settings: Settings, plan: RunPlan, report: RunReport, lock: Optio
         open_staging(store, settings.output_root, report.run_id)
         begin_report(store, report, finished)
     except Exception as exc:
-        print(f"error: cannot prepare {settings.output_root}: {one_line(exc)}", file=sys.stderr)
+        detail = str(exc) if isinstance(exc, EtlError) else one_line(exc)
+        print(f"error: cannot prepare {settings.output_root}: {detail}", file=sys.stderr)
         return 1
     started = None
     try:

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, cast
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
+from lake.errors import EtlError
 from lake.lock import LEASE_TTL_S, LeaseLost, Lock
 from lake.paths import join
 from lake.stores import STAGING_DIR, InPlaceStore, Store, Unit
@@ -59,6 +60,7 @@ def publish(store: Store, units: Sequence[Unit], run_id: str, output_root: str, 
     PublishCutShort if it stops once the journal is written."""
     units = store.gather(units, run_id)
     journal = {"run_id": run_id, "units": [{**vars(unit), **store.plan_publish(unit, run_id)} for unit in units]}
+    store.sync_staged(units)  # the journal must never name staged data a power cut could lose
     if lock:
         lock.check()
     create_journal(store, journal_path(output_root, run_id), journal)
@@ -289,9 +291,10 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
     staging = join(output_root, STAGING_DIR)
     finished = {}
     dead_runs = store.children(staging)
+    journals = {run_id: read_journal(store, join(staging, run_id)) for run_id in dead_runs}  # all, before any step
     kept = set()
     for run_id in dead_runs:
-        journal = settle(store, join(staging, run_id, PUBLISH_JOURNAL), run_id, lock)
+        journal = settle(store, join(staging, run_id), journals[run_id], run_id, lock)
         in_place = cast(InPlaceStore, store)  # only DirectPublish writes a "direct" journal, on S3
         if journal and journal.get("retired"):
             # Again at each recovery while it is kept: a PUT the run had in flight may have landed since.
@@ -316,19 +319,40 @@ def recover(store: Store, roots: Sequence[str], output_root: str, lock: Optional
     return finished
 
 
-def settle(store: Store, path: str, run_id: str, lock: Optional[Lock]) -> Optional[dict]:
+def read_journal(store: Store, folder: str) -> Tuple[Optional[dict], Optional[str]]:
+    """The journal in a dead run's staging folder and its version, or (None, None) if it has none. One that
+    is there but cannot be read (empty or cut short: a power cut before it was durable, a disk fault) fails
+    closed: without it no one can tell which tables the run swapped, and clearing its staging would lose the
+    versions it holds."""
+    path = join(folder, PUBLISH_JOURNAL)
+    try:
+        journal, version = store.read_json_tagged(path)
+    except ValueError:
+        journal, version = None, None
+    if isinstance(journal, dict) and isinstance(journal.get("units"), list):
+        return journal, version
+    if journal is None and PUBLISH_JOURNAL not in store.keys(folder):
+        return None, None
+    raise EtlError(f"the publish journal {path} cannot be read, so the run that wrote it cannot be finished; "
+                   f"nothing was changed. Restore the output from a backup, or remove {folder} and run again "
+                   f"with --full")
+
+
+def settle(store: Store, folder: str, found: Tuple[Optional[dict], Optional[str]], run_id: str,
+           lock: Optional[Lock]) -> Optional[dict]:
     """A dead run's journal as recovery acts on it. A run that may still be writing (it lost the lake while it
     lived: Lock.may_still_write) and had not decided its publish (no journal, or a direct one before its
     commit mark) is first retired: its journal replaced by a tombstone, compare-and-swap on the version read,
     so that the run's own create of its journal, or its commit mark, is refused from then on, whenever it
-    comes. Returns the tombstone then; if the run wrote first, what it wrote is looked at again."""
-    journal, version = store.read_json_tagged(path)
+    comes. Returns the tombstone then; if the run wrote first, what it wrote is looked at again. found: the
+    journal and its version, as read_journal read them."""
+    journal, version = found
     while lock is not None and lock.may_still_write(run_id) and not decided(journal):
         tombstone = {**(journal or {"run_id": run_id, "units": []}), "retired": True,
                      "retired_at": time.time()}
-        if store.write_json_if(path, tombstone, version) is not None:
+        if store.write_json_if(join(folder, PUBLISH_JOURNAL), tombstone, version) is not None:
             return tombstone
-        journal, version = store.read_json_tagged(path)
+        journal, version = read_journal(store, folder)
     return journal
 
 

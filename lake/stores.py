@@ -3,6 +3,7 @@
 A store lists input, stages and publishes output folders, keeps small JSON documents (reports, journals)
 and makes the one-writer lock. Nothing outside this module and lake.plan asks whether a path is on S3.
 """
+import errno
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ SPARES_DIR = "_spare"
 # which the run changed only some parts, which version it changed and which parts.
 VERSION_MARKER = "_RUN_"
 PREFLIGHT_PROBE = "_preflight-probe"
+# renameat2's flags (linux/fs.h).
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 LOCAL_VERSION = "local"  # a local document's version: only the flock's holder writes it
 # S3's answers to a create (If-None-Match: *) of a key that exists: 412, or 409 while another is in flight.
 CREATE_REFUSED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
@@ -101,8 +104,8 @@ class Store(Protocol):
 
     def write_json_if(self, path: str, document: dict, version: Optional[str]) -> Optional[str]:
         """Writes the document only if path holds that version now (None: only if there is no document);
-        returns the new version, or None if the condition failed. Where only one run can ever write (a
-        flock), the condition always holds."""
+        returns the new version, or None if the condition failed. A create (version None) is atomic on
+        every store; where only one run can write (a flock), a replace's condition always holds."""
 
     def delete_json_if(self, path: str, version: str) -> bool:
         """Deletes the document only if path holds that version; whether it did."""
@@ -123,6 +126,9 @@ class Store(Protocol):
 
     def gather(self, units: Sequence[Unit], run_id: str) -> List[Unit]:
         """The units as this store publishes them, once every one is staged."""
+
+    def sync_staged(self, units: Sequence[Unit]) -> None:
+        """Makes what is staged for units durable, before the journal that names it is written."""
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """What the journal must hold to finish publishing unit after a crash."""
@@ -200,14 +206,24 @@ class LocalStore:
         except (OSError, ValueError):
             return None
 
-    # Conditional documents: one run at a time holds the flock, and no run outlives it (lake.lock.FileLock).
+    # Conditional documents. A replace or a delete needs no condition here: one run at a time holds the
+    # flock, and no run outlives it (lake.lock.FileLock). A create does: a rejects root's claim (lake.rejects)
+    # is made by lakes that each hold a flock of their own.
 
     def read_json_tagged(self, path: str) -> Tuple[Optional[dict], Optional[str]]:
         document = self.read_json(path)
         return document, None if document is None else LOCAL_VERSION
 
     def write_json_if(self, path: str, document: dict, version: Optional[str]) -> Optional[str]:
-        self.write_json(path, document)
+        if version is not None:
+            self.write_json(path, document)
+            return LOCAL_VERSION
+        # A file written aside, then given the name only if no other has it: created with its content in one
+        # step (never an empty file, as O_EXCL would show), and never over another.
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not _create(_write_aside(path, document), path):
+            return None
+        sync_folders(path)
         return LOCAL_VERSION
 
     def delete_json_if(self, path: str, version: str) -> bool:
@@ -217,10 +233,11 @@ class LocalStore:
     def write_json(self, path: str, document: dict) -> None:
         # Write aside, then rename: a reader or a crash never sees half a file.
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.partial"
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(document, indent=2) + "\n")
+        # Durable before anything depends on it: the file's data before its name, the name before the next
+        # step (a power cut must not leave the journal's name with no content, and later renames done).
+        partial = _write_aside(path, document)
         os.replace(partial, path)
+        sync_folders(path)
 
     def children(self, path: str) -> List[str]:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
@@ -271,6 +288,15 @@ class LocalStore:
             whole.append(unit)
         return whole
 
+    def sync_staged(self, units: Sequence[Unit]) -> None:
+        """One syncfs per file system the units are staged on: Spark's files, the links, the spare's moves
+        and the version markers, all at once (docs/performance.md: cheaper than a fsync per file)."""
+        devices = {}
+        for root in dict.fromkeys(unit.root for unit in units):
+            devices.setdefault(os.stat(root).st_dev, root)
+        for root in devices.values():
+            sync_file_system(root)
+
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         if unit.drop:
             return {}  # nothing staged: publishing it moves the published folder aside
@@ -297,6 +323,16 @@ class LocalStore:
 
     def unreachable(self, root: str) -> Optional[str]:
         return None
+
+
+def _write_aside(path: str, document: dict) -> str:
+    """document as JSON in a file beside path, on disk (fsynced); returns the file's name."""
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(document, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return partial
 
 
 def _link_unchanged(final: str, staged: str, changed: Set[str]) -> None:
@@ -413,11 +449,13 @@ def swap_in(staged: str, final: str, old: str, marker: Optional[str] = None) -> 
         return  # journals without a marker: swapped in already, before a crash
     if os.path.exists(final):
         if _exchange(staged, final):
+            sync_folders(staged, final)  # the exchange is durable before the next step counts on it
             _move(staged, old)  # staged now names the previous version
             return
         _move(final, old)  # no atomic exchange: the table is missing for one rename
     os.makedirs(os.path.dirname(final), exist_ok=True)
     os.rename(staged, final)
+    sync_folders(staged, final)
 
 
 def _move(path: str, old: str) -> None:
@@ -426,18 +464,76 @@ def _move(path: str, old: str) -> None:
     if os.path.lexists(old):  # a version moved there before, by a swap cut short and redone: not needed
         shutil.rmtree(old)
     os.rename(path, old)
+    sync_folders(path, old)
 
 
-def _exchange(first: str, second: str) -> bool:
-    """Linux's renameat2(RENAME_EXCHANGE): swaps two folders in one step, so a reader sees one or the other."""
+def sync_folders(*paths: str) -> None:
+    """fsyncs the folder holding each path (each once): what makes a rename or a new name survive a power
+    cut."""
+    for folder in dict.fromkeys(os.path.dirname(path) for path in paths):
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def sync_file_system(path: str) -> None:
+    """Linux's syncfs: every write to the file system holding path, data and names, on disk; elsewhere
+    sync, every file system's."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        rename_exchange, at_cwd = 2, -100
-        return libc.renameat2(at_cwd, first.encode(), at_cwd, second.encode(), rename_exchange) == 0
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(handle) == 0:
+                return
+        finally:
+            os.close(handle)
+    except (AttributeError, OSError):  # not Linux, or a C library without syncfs
+        pass
+    os.sync()
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Linux's renameat2(RENAME_EXCHANGE): swaps two folders in one step, so a reader sees one or the other."""
+    return _renameat2(first, second, RENAME_EXCHANGE) == 0
+
+
+def _create(partial: str, path: str) -> bool:
+    """partial takes the name path unless path exists, in one step; whether it did. partial is gone after."""
+    # renameat2(RENAME_NOREPLACE) where there is one: a rename, like every other step of the publish (the
+    # crash tests kill at each); else a hard link, which also fails where the name exists.
+    outcome = _renameat2(partial, path, RENAME_NOREPLACE)
+    if outcome == 0:
+        return True
+    try:
+        if outcome == errno.EEXIST:
+            return False
+        if outcome not in (None, errno.ENOSYS, errno.EINVAL):  # EINVAL: a file system without the flag
+            raise OSError(outcome, os.strerror(outcome), path)
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _renameat2(source: str, target: str, flags: int) -> Optional[int]:
+    """Linux's renameat2: 0, or the errno it failed with; None if the C library has no renameat2."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_cwd = -100
+        done = libc.renameat2(at_cwd, source.encode(), at_cwd, target.encode(), flags) == 0
     except (AttributeError, OSError):  # not Linux, or a C library without renameat2
-        return False
+        return None
+    return 0 if done else ctypes.get_errno()
 
 
 class S3Store:
@@ -621,6 +717,9 @@ class S3Store:
 
     def gather(self, units: Sequence[Unit], run_id: str) -> List[Unit]:
         return list(units)  # no folder swap: each partition is published key by key anyway
+
+    def sync_staged(self, units: Sequence[Unit]) -> None:
+        pass  # S3 acknowledges a PUT once the object is durable
 
     def plan_publish(self, unit: Unit, run_id: str) -> dict:
         """The keys to copy in and, of the published ones, those to delete afterwards."""

@@ -213,34 +213,6 @@ def test_the_next_run_finishes_or_clears_a_killed_one(versions, killed_lakes, em
         assert interrupted["published"] == [] and "published_by" not in interrupted
 
 
-def test_runs_sharing_a_rejects_root_never_touch_each_others_staging(versions, empty_config, tmp_path):
-    """Two outputs, one REJECTED_DATA: a run of the second, start to end, while a run of the first waits with
-    its rejects staged; the first then publishes its own rejects, which the second's recovery left alone."""
-    inputs, _, _, _ = versions
-    first_input = shutil.copytree(inputs["new"], tmp_path / "in-first")
-    (first_input / "song_data" / "bad-song.json").write_text("not json\n")
-    rejects = tmp_path / "rejects"
-    env = {"REJECTED_DATA": str(rejects)}
-    first = start(empty_config, "--input", first_input, "--output", tmp_path / "first", pause=[f"write {etl.SONGS}"],
-                  env=env)
-    try:
-        wait_for_pause(first, f"write {etl.SONGS}")
-        first_id = json.loads((tmp_path / "first" / REPORT_NAME).read_text())["run_id"]
-        staged = rejects / STAGING_DIR / first_id / etl.SONG_DATA
-        assert staged.is_dir()
-        assert run(empty_config, "--input", inputs["old"], "--output", tmp_path / "second", env=env)[0] == 0
-        assert staged.is_dir()
-        resume(first)
-        stderr = first.stderr.read()
-        assert first.wait(timeout=PAUSE_TIMEOUT_S) == 0, stderr[-3000:]
-    finally:
-        kill(first)
-    published = [json.loads(line) for path in (rejects / etl.SONG_DATA).glob("part-*")
-                 for line in path.read_text().splitlines()]
-    assert [row["source_file"].rsplit("/", 1)[-1] for row in published] == ["bad-song.json"], published
-    assert staged_leftovers(rejects) == []
-
-
 # --------------------------------------------------------------------------- every rename of a local publish
 
 RENAMES = "rename,renameat,renameat2"

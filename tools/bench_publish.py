@@ -77,11 +77,12 @@ def local(lake):
     try:
         root = str(work / "lake")
         seconds = {}
-        for unit in units(root):  # the published version, and the same folders staged as a new run's
-            source = Path(lake, Path(unit.final()).relative_to(root))
-            shutil.copytree(source, unit.final())
-            shutil.copytree(source, unit.staged(RUN_ID))
+        for unit in units(root):  # the published version
+            shutil.copytree(Path(lake, Path(unit.final()).relative_to(root)), unit.final())
         for unit in units(root):
+            # The same folder staged as a new run's, just written (as Spark's files are): each publish clears
+            # the staging it publishes from.
+            shutil.copytree(Path(lake, Path(unit.final()).relative_to(root)), unit.staged(RUN_ID))
             started = time.perf_counter()
             publish(LocalStore(), [unit], RUN_ID, root)
             seconds[unit.name] = round(time.perf_counter() - started, 4)
