@@ -349,6 +349,33 @@ def state(lake):
     return found
 
 
+def one_event(line):
+    """Whether a log line is what the contract takes in: one JSON object, nothing after it, an integer ts."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and isinstance(value.get("ts"), int) and not isinstance(value["ts"], bool)
+
+
+def unaccounted_lines(input_root, lake):
+    """Nothing lost: every log line that is not one event must be among the rejects, as it arrived, and no
+    line that is one event may be. Judged here with Python's json, not by the job."""
+    wanted = Counter()
+    for path in sorted(Path(input_root, "log_data").rglob("*.json")):
+        for line in path.read_text().split("\n"):
+            if line.strip() and not one_event(line):
+                wanted[(f"file:{os.path.abspath(path)}", line)] += 1
+    kept = Counter((source, line) for source, _, line in rejects(lake)["log_data"].elements())
+    lines = []
+    for what, extra in (("lost: not one event, yet not among the rejects", wanted - kept),
+                        ("among the rejects, yet one event", kept - wanted)):
+        if extra:
+            source, line = next(iter(extra))
+            lines.append(f"{sum(extra.values())} log lines {what}, e.g. in {source}: {line[:160]}")
+    return lines
+
+
 def differences(what, a, b):
     """One short line per part of a and b (dicts) that differ."""
     lines = []
@@ -452,6 +479,7 @@ def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng):
     lines = [f"table {table}: {detail} (A: the daily lake, B: the full build)"
              for table, detail in compare_tables.differences(lake, full).items()]
     lines += differences("rejects", rejects(lake), rejects(full))
+    lines += unaccounted_lines(input_root, lake)
     lines += differences("state", state(lake), state(full))
     reference = Path(workdir) / "duckdb"
     shutil.rmtree(reference, ignore_errors=True)
