@@ -76,8 +76,11 @@ SEED      ?= 1
 DAYS      ?= 12
 SEQUENCES ?= 1
 HOLES     ?= all
+# CRASH_DAY=n: on day n also kill the run at each rename of its local publish (strace), as tests/test_crash.py.
+CRASH_DAY ?= 0
 soak: setup
-	$(PY) tools/soak.py --seed $(SEED) --days $(DAYS) --sequences $(SEQUENCES) --holes $(HOLES)
+	$(PY) tools/soak.py --seed $(SEED) --days $(DAYS) --sequences $(SEQUENCES) --holes $(HOLES) \
+	  --crash-day $(CRASH_DAY)
 
 clean:
 	rm -rf output dist soak .pytest_cache .ruff_cache

@@ -40,6 +40,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -54,6 +56,8 @@ import duckdb  # noqa: E402
 import compare_tables  # noqa: E402
 import duckdb_etl  # noqa: E402
 import generate_data as gen  # noqa: E402
+from lake.publish import PAUSE_ENV, PUBLISH_JOURNAL  # noqa: E402
+from lake.report import RUNS_DIR  # noqa: E402
 
 HOLES = ("glued", "ctime", "partition", "rejects", "state")
 START = dt.date(2018, 11, 1)
@@ -407,6 +411,91 @@ def snapshot(lake):
     return {"files": files, **{f"rejects {k}": v for k, v in rejects(lake).items()}}
 
 
+# --------------------------------------------------------------------------- a kill at every rename
+
+RENAMES = "rename,renameat,renameat2"
+RENAME_LINE = re.compile(r'^(rename|renameat|renameat2)\((?:AT_FDCWD, )?"([^"]*)", (?:AT_FDCWD, )?"([^"]*)"')
+KILL_TIMEOUT_S = 900
+
+
+def under_strace(trace, kill_before=None):
+    """strace in front of the job, following only its Python driver's main thread (the JVM's renames are
+    Spark's own); kill_before=(call, n): SIGKILL as the job enters its n-th call of that system call, which
+    therefore never happens (as tests/test_crash.py does)."""
+    strace = shutil.which("strace")
+    if not strace:
+        raise SystemExit("error: --crash-day needs strace (make setup installs it: apt-get install strace)")
+    command = [strace, "-qq", "-o", str(trace), "-e", f"trace={RENAMES}"]
+    if kill_before:
+        command += ["-e", f"inject={kill_before[0]}:signal=KILL:when={kill_before[1]}"]
+    return command
+
+
+def job(config, input_root, lake, prefix, pause=""):
+    """python etl.py in its own process group (Python and its JVM), under prefix."""
+    return subprocess.Popen([*prefix, sys.executable, str(ROOT / "etl.py"), "--config", str(config), "--input",
+                             str(input_root), "--output", str(lake)], env={**os.environ, PAUSE_ENV: pause},
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process, stdin=None):
+    """The process's status and stderr; whatever is left of its group is killed."""
+    try:
+        _, stderr = process.communicate(stdin, timeout=KILL_TIMEOUT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, stderr
+
+
+def journaled_run(config, input_root, lake, folder):
+    """Today's daily run as a process under strace, copied while it waits with its publish journal written,
+    then let finish. Returns (status, stderr, the copy, its renames from the journal's to the last before
+    its report, each (call, source, target))."""
+    trace, copy = Path(folder) / "trace", Path(folder) / "journaled"
+    shutil.rmtree(copy, ignore_errors=True)
+    process = job(config, input_root, lake, under_strace(trace), pause="publish")
+    for line in process.stderr:
+        if line.strip() == "paused at publish":
+            shutil.copytree(lake, copy)
+            break
+    code, stderr = finish(process, "\n")
+    steps = [m.groups() for m in map(RENAME_LINE.match, trace.read_text().splitlines()) if m]
+    journal = next((n for n, (_, _, target) in enumerate(steps) if target.endswith(PUBLISH_JOURNAL)), None)
+    report = next((n for n, (_, _, target) in enumerate(steps) if f"/{RUNS_DIR}/" in target), len(steps))
+    return code, stderr, copy, steps[journal:report] if journal is not None and copy.exists() else []
+
+
+def kill_at_every_rename(run, input_root, lake, full, folder):
+    """Today's run (a process, on lake as yesterday left it) copied with its journal written; that journal
+    published by the next run's recovery, killed as it enters each of the publish's renames in turn (and
+    just after the last); then a daily run. Each lake must then equal the full build. Returns the kills."""
+    code, stderr, journaled, steps = journaled_run(run.config, input_root, lake, folder)
+    if code != 0 or not steps:
+        raise Mismatch(f"the run under strace failed (exit {code}) or wrote no journal: {stderr[-300:]}")
+    # The recovery's renames are the publish's after its journal; then the next run's own first (a rename).
+    calls = [call for call, _, _ in steps[1:]] + ["rename"]
+    for position in range(1, len(calls) + 1):
+        killed = Path(folder) / "killed"
+        shutil.rmtree(killed, ignore_errors=True)
+        shutil.copytree(journaled, killed)
+        call = calls[position - 1]
+        code, stderr = finish(job(run.config, input_root, killed,
+                                  under_strace(os.devnull, (call, calls[:position].count(call)))))
+        step = " -> ".join(steps[position][1:]) if position < len(steps) else "after the publish"
+        if code != -signal.SIGKILL:
+            raise Mismatch(f"the run to kill at rename {position} ({step}) was not killed: exit {code}, "
+                           f"{stderr[-300:]}")
+        code, errors = run(input_root, killed)
+        if code != 0:
+            raise Mismatch(f"killed at rename {position} ({step}), the next run failed: {errors[-1:]}")
+        lines = compare_lakes(killed, full, input_root)
+        if lines:
+            raise Mismatch(f"killed at rename {position} ({step}), then a daily run: " + "; ".join(lines))
+    return len(calls)
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -433,13 +522,26 @@ class Runner:
         return code, errors
 
 
-def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng):
+def compare_lakes(lake, full, input_root):
+    """What differs between the daily lake and the full build, and any input line lost."""
+    lines = [f"table {table}: {detail} (A: the daily lake, B: the full build)"
+             for table, detail in compare_tables.differences(lake, full).items()]
+    lines += differences("rejects", rejects(lake), rejects(full))
+    lines += differences("state", state(lake), state(full))
+    return lines + unaccounted_lines(input_root, lake)
+
+
+def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng, crash=False):
     """One day's daily run and every check on it; raises Mismatch with what differed."""
     if hole_state:
         segments = sorted((Path(lake) / "_state" / "log_data").glob("*"))
         if segments:
             shutil.rmtree(rng.choice(segments))
     before = snapshot(lake) if (gate_fails or hole_state) and Path(lake).exists() else None
+    if crash:  # the lake as yesterday left it, for today's run again, killed at each of its renames
+        before_crash = Path(workdir) / "crash" / "before"
+        shutil.rmtree(before_crash.parent, ignore_errors=True)
+        shutil.copytree(lake, before_crash)
     code, errors = run(input_root, lake)
     if gate_fails:
         if code == 0 or not errors or GATE_ERROR not in errors[-1]:
@@ -476,11 +578,7 @@ def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng):
     code, errors = run(input_root, full, "--full")
     if code != 0:
         raise Mismatch(f"the full build failed: exit {code}: {errors[-1] if errors else 'no error line'}")
-    lines = [f"table {table}: {detail} (A: the daily lake, B: the full build)"
-             for table, detail in compare_tables.differences(lake, full).items()]
-    lines += differences("rejects", rejects(lake), rejects(full))
-    lines += unaccounted_lines(input_root, lake)
-    lines += differences("state", state(lake), state(full))
+    lines = compare_lakes(lake, full, input_root)
     reference = Path(workdir) / "duckdb"
     shutil.rmtree(reference, ignore_errors=True)
     duckdb_etl.run(str(input_root), str(reference), 2)
@@ -488,10 +586,13 @@ def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng):
               for table, detail in compare_tables.differences(lake, reference).items()]
     if lines:
         raise Mismatch("; ".join(lines))
+    if crash:
+        kills = kill_at_every_rename(run, input_root, before_crash, full, Path(workdir) / "crash")
+        said += f"killed at each of {kills} renames of a publish, each lake then equal to the full build; "
     return said + "equal to the full build and to DuckDB"
 
 
-def sequence(run, seed, days, holes, workdir, out, busy=False):
+def sequence(run, seed, days, holes, workdir, out, busy=False, crash_day=0):
     """One seed's days; returns None, or (day, what it did, what differed) at the first broken promise."""
     folder = Path(workdir) / f"seed-{seed}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -504,9 +605,11 @@ def sequence(run, seed, days, holes, workdir, out, busy=False):
         hole_state = "state" in holes and step > 2 and not gate_fails and rng.random() < 0.15
         if hole_state:
             did.append("a state segment deleted")
+        crash = bool(crash_day) and step >= max(crash_day, 2) and not gate_fails and not hole_state
+        crash_day = 0 if crash else crash_day  # a day whose gate fails puts the kills off to the next
         began = time.perf_counter()
         try:
-            outcome = check_day(run, folder, input_root, lake, gate_fails, hole_state, rng)
+            outcome = check_day(run, folder, input_root, lake, gate_fails, hole_state, rng, crash)
         except Mismatch as exc:
             print(f"FAIL seed={seed} day={step}: {'; '.join(did)}\n  {exc}", file=out, flush=True)
             return step, did, str(exc)
@@ -535,6 +638,9 @@ def main(argv=None):
     parser.add_argument("--holes", default="all", help=f"'all' (default), 'none', or some of {', '.join(HOLES)}")
     parser.add_argument("--busy", action="store_true",
                         help="every kind of change every day, the gate failing on day 3 (the short test)")
+    parser.add_argument("--crash-day", type=int, default=0,
+                        help="on this day (from 2; 0: never) also kill today's run at each rename of its local "
+                             "publish (strace) and check each lake after the next run")
     parser.add_argument("--workdir", default=str(ROOT / "soak"), help="where inputs and lakes go (emptied)")
     args = parser.parse_args(argv)
     holes = parse_holes(args.holes)
@@ -546,7 +652,7 @@ def main(argv=None):
     print(f"soak: seeds {args.seed}..{args.seed + args.sequences - 1}, {args.days} days each, holes: "
           f"{', '.join(holes) or 'none'}; work in {args.workdir}", flush=True)
     for seed in range(args.seed, args.seed + args.sequences):
-        found = sequence(run, seed, args.days, holes, args.workdir, sys.stdout, args.busy)
+        found = sequence(run, seed, args.days, holes, args.workdir, sys.stdout, args.busy, args.crash_day)
         if found:
             failed.append((seed, found[0]))
     print(f"soak: {args.sequences} sequences, {run.runs} runs of etl.py in {time.perf_counter() - began:.0f} s "
