@@ -93,7 +93,9 @@ class Deliveries:
 
     def __init__(self, seed, days, holes, input_root, busy=False):
         self.rng, self.holes, self.root = random.Random(seed), set(holes), Path(input_root)
-        self.busy = busy  # every kind of change every day, and the gate failing on day 3: the short test's
+        # Every kind of change every day, the gate failing on day 3, a state segment lost on day 4: the
+        # short test's.
+        self.busy = busy
         rng = random.Random(seed)  # the world: same seed, same songs and events whatever the days do
         n_songs = FIRST_SONGS + SONGS_PER_DAY * days
         records = gen.build_catalogue(rng, n_songs)
@@ -102,7 +104,7 @@ class Deliveries:
         playlist = gen.Playlist(rng, records, 200, 0.5)
         events, start = gen.build_events(rng, EVENTS_PER_DAY * days, START, days, USERS, playlist)
         self.day_lines = gen.by_day(events, start, days)
-        self.next_song, self.next_day, self.spare = 0, 0, 0
+        self.next_song, self.next_day, self.spare, self.odd = 0, 0, 0, -1
         self.removed = []  # (path, bytes) taken away, to deliver again later
         self.gate_file = None  # the file that failed the gate, put right the next day
 
@@ -162,7 +164,10 @@ class Deliveries:
         rel, text = self.songs[self.rng.randrange(len(self.songs))]
         record = json.loads(text)
         values = [None, ""] if "partition" in self.holes else [None]
-        record.update(artist_id=self.rng.choice(values), year=1999, song_id=self.name("SOODD"))
+        # Busy: null first, then "" (a run then touches the folder through the other value).
+        self.odd += 1
+        value = values[self.odd % len(values)] if self.busy else self.rng.choice(values)
+        record.update(artist_id=value, year=1999, song_id=self.name("SOODD"))
         rel = f"song_data/Z/Z/Z/{self.name('TRODD')}.json"
         self.write(rel, json.dumps(record))
         return f"song {rel} with artist_id {json.dumps(record['artist_id'])}"
@@ -602,7 +607,7 @@ def sequence(run, seed, days, holes, workdir, out, busy=False, crash_day=0):
     rng = random.Random(f"{seed}-state")
     for step in range(1, days + 1):
         did, gate_fails = deliveries.day(step)
-        hole_state = "state" in holes and step > 2 and not gate_fails and rng.random() < 0.15
+        hole_state = "state" in holes and step > 2 and not gate_fails and (step == 4 if busy else rng.random() < 0.15)
         if hole_state:
             did.append("a state segment deleted")
         crash = bool(crash_day) and step >= max(crash_day, 2) and not gate_fails and not hole_state
