@@ -107,10 +107,12 @@ class Deliveries:
         self.next_song, self.next_day, self.spare, self.odd = 0, 0, 0, -1
         self.removed = []  # (path, bytes) taken away, to deliver again later
         self.gate_file = None  # the file that failed the gate, put right the next day
+        self.today = set()  # files written today: a correction of one is just today's delivery
 
     # -- files
 
     def write(self, rel, text):
+        self.today.add(str(rel))
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
@@ -127,6 +129,7 @@ class Deliveries:
     def day(self, step):
         """Changes the input for day `step` (1-based); returns (what it did, whether the gate must fail)."""
         rng, done = self.rng, []
+        self.today = set()
         if self.gate_file:  # yesterday's bad file, delivered again as it should have been
             rel, lines = self.gate_file
             self.write(rel, "\n".join(lines))
@@ -217,8 +220,10 @@ class Deliveries:
         return [f"gate-failing day file {rel} ({len(lines)} lines with an empty page"
                 f"{', a bad line' if 'rejects' in self.holes else ''})"]
 
-    def pick_log(self):
+    def pick_log(self, taken_in=False):
+        """A log file (other than the one failing the gate); taken_in: one the lake has read before."""
         files = [f for f in self.files("log_data") if self.gate_file is None or f != self.gate_file[0]]
+        files = [f for f in files if not taken_in or f not in self.today]
         return self.rng.choice(files) if files else None
 
     def replace_log(self):
@@ -238,7 +243,7 @@ class Deliveries:
 
     def correct_log(self):
         """A user's level corrected in one line: same size. Hole `ctime`: the old mtime is put back too."""
-        rel = self.pick_log()
+        rel = self.pick_log(taken_in=True)
         if rel is None:
             return ""
         path = self.root / rel
