@@ -499,8 +499,9 @@ def kill_at_every_rename(run, input_root, lake, full, folder):
     # The recovery's renames are the publish's after its journal; then the next run's own first (a rename).
     calls = [call for call, _, _ in steps[1:]] + ["rename"]
     for position in range(1, len(calls) + 1):
-        killed = Path(folder) / "killed"
-        shutil.rmtree(killed, ignore_errors=True)
+        # The journal names its folders by path: the copy goes back where the run left it.
+        killed = Path(lake)
+        shutil.rmtree(killed)
         shutil.copytree(journaled, killed)
         call = calls[position - 1]
         code, stderr = finish(job(run.config, input_root, killed,
