@@ -16,7 +16,7 @@ DIST   := dist/lake.zip
 # Spark's console logging at WARN under spark-submit (conf/log4j2.properties says why).
 QUIET  := --driver-java-options "-Dlog4j.configurationFile=conf/log4j2.properties"
 
-.PHONY: setup strace run submit emr dist lint check test bench bench-s3 bench-daily bench-daily-s3 clean
+.PHONY: setup strace run submit emr dist lint check test soak bench bench-s3 bench-daily bench-daily-s3 clean
 
 setup: $(STAMP) $(JARS_MANIFEST) strace
 
@@ -69,8 +69,21 @@ check: setup lint
 test: setup lint
 	$(PY) -m pytest
 
+# Not part of `make test` (which runs a short fixed-seed version): random delivery sequences, SEQUENCES of
+# them from SEED on, DAYS daily runs each, every run checked against a fresh full build and DuckDB's
+# (tools/soak.py, docs/testing.md). HOLES: all, none, or some of glued,ctime,partition,rejects,state.
+SEED      ?= 1
+DAYS      ?= 12
+SEQUENCES ?= 1
+HOLES     ?= all
+# CRASH_DAY=n: on day n also kill the run at each rename of its local publish (strace), as tests/test_crash.py.
+CRASH_DAY ?= 0
+soak: setup
+	$(PY) tools/soak.py --seed $(SEED) --days $(DAYS) --sequences $(SEQUENCES) --holes $(HOLES) \
+	  --crash-day $(CRASH_DAY)
+
 clean:
-	rm -rf output dist .pytest_cache .ruff_cache
+	rm -rf output dist soak .pytest_cache .ruff_cache
 
 # Not part of `make test`: minutes of generated data and runs. Writes bench/results.json.
 bench: setup

@@ -13,11 +13,20 @@ from pathlib import Path
 import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lake.intake import DEFAULT_PARTITION  # noqa: E402
 from lake.tables import SPECS  # noqa: E402  (the contract's columns, stated once)
 
 
+def _column(table, name):
+    """A column as a reader of the table sees it: a partition value of null, empty or Hive's default is null
+    (Spark names the folder of a null or empty value DEFAULT_PARTITION, DuckDB's writer names it NULL)."""
+    if name not in SPECS[table].partition_by:
+        return name
+    return f"NULLIF(NULLIF(CAST({name} AS VARCHAR), '{DEFAULT_PARTITION}'), '') AS {name}"
+
+
 def _rows(root, table):
-    columns = ", ".join(SPECS[table].column_names)
+    columns = ", ".join(_column(table, name) for name in SPECS[table].column_names)
     return f"SELECT {columns} FROM read_parquet('{root}/{table}/**/*.parquet', hive_partitioning = true)"
 
 
