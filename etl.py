@@ -926,17 +926,25 @@ def of_files(records: DataFrame, names: Sequence[str], keep: bool = True) -> Dat
     return records.join(F.broadcast(listed), on=SOURCE_FILE, how="left_semi" if keep else "left_anti")
 
 
+def partition_value(column: str) -> Column:
+    """A partition column's value as its folder names it: the folder, not the raw value, is the unit. Spark
+    writes null and "" to one folder (Hive's default partition), so both are null here; every comparison of
+    partitions (find_touched, written_partitions, in_partitions) goes through this."""
+    value = F.col(column).cast("string")
+    return F.when(value != "", value)
+
+
 def in_partitions(frame: DataFrame, columns: Sequence[str], touched: Sequence[Tuple[Optional[str], ...]]) -> DataFrame:
-    """frame's rows in the touched partitions (values as Spark casts them to strings)."""
+    """frame's rows in the touched partitions (values as partition_value gives them)."""
     if not columns:
         return frame
     if len(touched) <= PARTITION_LITERALS:
         # A filter on partition columns alone prunes the folders a state table is read from.
-        matches = [reduce(Column.__and__, [F.col(c).cast("string").eqNullSafe(F.lit(v).cast("string"))
+        matches = [reduce(Column.__and__, [partition_value(c).eqNullSafe(F.lit(v).cast("string"))
                                            for c, v in zip(columns, values)]) for values in touched]
         return frame.filter(reduce(Column.__or__, matches, F.lit(False)))
     wanted = frame.sparkSession.createDataFrame(touched, ", ".join(f"_{c} string" for c in columns))
-    same = reduce(Column.__and__, [F.col(c).cast("string").eqNullSafe(F.col(f"_{c}")) for c in columns])
+    same = reduce(Column.__and__, [partition_value(c).eqNullSafe(F.col(f"_{c}")) for c in columns])
     return frame.join(F.broadcast(wanted), on=same, how="left_semi")
 
 
@@ -1076,36 +1084,29 @@ def build_increment(spark: SparkSession, settings: Settings, intakes: Mapping[st
     return Increment(tables, songs_new_records, events_new, changes, segments)
 
 
-def find_touched(changes: Sequence[Change]) -> None:
-    """Fills in each change's touched partitions (the partition values of its changed rows, old and new;
-    () for an unpartitioned table with any change), in one Spark job."""
-    parts = [
-        change.changed.select(F.lit(index).alias("change"),
-                              F.array(*[F.col(c).cast("string") for c in change.partition_by]).cast("array<string>")
-                              .alias("values")).distinct()
-        for index, change in enumerate(changes)
-    ]
-    if not parts:
-        return
-    for row in reduce(DataFrame.unionByName, parts).collect():
-        changes[row["change"]].touched.append(tuple(row["values"]))
-    for change in changes:
-        change.touched = sorted(set(change.touched), key=lambda values: tuple(v or "" for v in values))
-
-
-def written_partitions(contents: Sequence[Tuple[Change, DataFrame]]) -> List[List[Tuple[Optional[str], ...]]]:
-    """For each partitioned change, the touched partitions that hold rows in its new version (the others are
-    removed), in one Spark job."""
-    parts = [
-        content.select(F.lit(index).alias("change"),
-                       F.array(*[F.col(c).cast("string") for c in change.partition_by]).alias("values")).distinct()
-        for index, (change, content) in enumerate(contents)
-    ]
-    found: List[List[Tuple[Optional[str], ...]]] = [[] for _ in contents]
+def partitions_of(frames: Sequence[Tuple[DataFrame, Sequence[str]]]) -> List[List[Tuple[Optional[str], ...]]]:
+    """The distinct partitions (partition_value of each column) of each (frame, partition columns), in one
+    Spark job; () for a frame with rows and no partition columns."""
+    parts = [frame.select(F.lit(index).alias("change"),
+                          F.array(*[partition_value(c) for c in columns]).cast("array<string>").alias("values"))
+             .distinct() for index, (frame, columns) in enumerate(frames)]
+    found: List[List[Tuple[Optional[str], ...]]] = [[] for _ in frames]
     if parts:
         for row in reduce(DataFrame.unionByName, parts).collect():
             found[row["change"]].append(tuple(row["values"]))
     return found
+
+
+def find_touched(changes: Sequence[Change]) -> None:
+    """Fills in each change's touched partitions (those of its changed rows, old and new)."""
+    for change, touched in zip(changes, partitions_of([(change.changed, change.partition_by) for change in changes])):
+        change.touched = sorted(set(touched), key=lambda values: tuple(v or "" for v in values))
+
+
+def written_partitions(contents: Sequence[Tuple[Change, DataFrame]]) -> List[List[Tuple[Optional[str], ...]]]:
+    """For each partitioned change, the touched partitions that hold rows in its new version (the others are
+    removed)."""
+    return partitions_of([(content, change.partition_by) for change, content in contents])
 
 
 # --------------------------------------------------------------------------- quality gate
