@@ -440,11 +440,11 @@ class S3Store:
         keep folder's scheme, as Spark's own readers name them; a task opens (bucket, key)."""
         scheme = folder.split("://", 1)[0]
         bucket, prefix = split_s3(folder)
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        below = folder_prefix(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=below)
         return [(f"{scheme}://{bucket}/{item['Key']}", (bucket, item["Key"]), item["Size"], item["ETag"].strip('"'))
                 for page in pages
-                for item in page.get("Contents", []) if is_input_file(item["Key"][len(prefix) + 1 if prefix else 0:])]
+                for item in page.get("Contents", []) if is_input_file(item["Key"][len(below):])]
 
     def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
         return s3_client_settings(self._aws, attempts=S3_ATTEMPTS, pool=in_flight)
@@ -474,15 +474,15 @@ class S3Store:
     def keys(self, path: str) -> List[str]:
         """Every key below path, relative to it: one LIST request per 1,000 keys, whatever the depth."""
         bucket, prefix = split_s3(path)
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-        return [item["Key"][len(prefix) + 1:] for page in pages for item in page.get("Contents", [])]
+        below = folder_prefix(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=below)
+        return [item["Key"][len(below):] for page in pages for item in page.get("Contents", [])]
 
     def children(self, path: str) -> List[str]:
         bucket, prefix = split_s3(path)
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/",
-                                                                        Delimiter="/")
-        return sorted(p["Prefix"][len(prefix) + 1:].rstrip("/") for page in pages
-                      for p in page.get("CommonPrefixes", []))
+        below = folder_prefix(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=below, Delimiter="/")
+        return sorted(p["Prefix"][len(below):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", []))
 
     def remove(self, path: str, keys: Optional[Sequence[str]] = None) -> None:
         bucket, prefix = split_s3(path)
@@ -610,6 +610,12 @@ class S3Store:
         except Exception:
             return f"cannot reach S3 at {self._aws.endpoint or 'the AWS endpoint'}"
         return None
+
+
+def folder_prefix(prefix: str) -> str:
+    """The listing prefix of what is below a folder: "" at a bucket's root (s3://bucket), where "/" would
+    list nothing (and a lake there would look empty to every run)."""
+    return f"{prefix}/" if prefix else ""
 
 
 def spooled_key(name: str, run_id: str) -> str:

@@ -4,11 +4,13 @@ differ but name one folder, state the lake lost, a bucket-root output.
 Each test makes a tiny lake with etl.py (a full build), changes its input or its state, runs etl.py again,
 and compares the published tables, whole, with a full build of the input as it then stands.
 """
+import boto3
 from pyspark.testing import assertDataFrameEqual
 
 import etl
 from lake.tables import SPECS
-from test_incremental import event, published, run_daily, song, write_log, write_song
+from test_incremental import BLUE, DAY_1, YELLOW, event, published, report_of, run_daily, song, write_log, write_song
+from test_s3 import CREDENTIALS, download
 
 
 def full_build_as_published(spark, root, folder):
@@ -20,6 +22,30 @@ def full_build_as_published(spark, root, folder):
     for name, table in etl.build_tables(songs, events).items():
         etl.write_table(table, str(folder / name), SPECS[name].partition_by)
     return folder
+
+
+def assert_tables_equal(spark, lake, expected):
+    for name in etl.TABLES:
+        assertDataFrameEqual(published(spark, lake, name), published(spark, expected, name))
+
+
+def day_one(root):
+    """Two songs and a day of plays: the smallest input that makes all five tables."""
+    for record in (YELLOW, BLUE):
+        write_song(root, record)
+    write_log(root, 1, DAY_1)
+
+
+def a_later_day(root):
+    write_log(root, 2, [event(12, 2, 0, "Blue", "Other", 180.0), event(13, 2, 0, "Yellow", "Band", 200.0)])
+
+
+def s3_client(endpoint, *buckets):
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                          aws_secret_access_key="setup")
+    for bucket in buckets:
+        client.create_bucket(Bucket=bucket)
+    return client
 
 
 # --------------------------------------------------------------------------- null and "" name one folder
@@ -41,3 +67,18 @@ def test_a_daily_run_touching_the_default_partition_through_one_value_keeps_the_
     assert report["intake"]["mode"] == "incremental"
     assertDataFrameEqual(published(spark, lake, "songs"),
                          published(spark, full_build_as_published(spark, root, tmp_path / "full"), "songs"))
+
+
+# --------------------------------------------------------------------------- a lake at a bucket's root
+
+def test_a_lake_at_a_bucket_root_runs_daily_and_equals_a_full_build(spark, run_etl, s3_endpoint, tmp_path):
+    client = s3_client(s3_endpoint, "root-lake")
+    root, env = tmp_path / "input", {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    day_one(root)
+    assert run_etl("--input", root, "--output", "s3://root-lake", env=env).returncode == 0
+    a_later_day(root)
+    result = run_etl("--input", root, "--output", "s3://root-lake/", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lake = download(client, "root-lake", "", tmp_path / "lake")
+    assert report_of(lake)["intake"]["mode"] == "incremental", report_of(lake)["intake"]["why_full"]
+    assert_tables_equal(spark, lake, full_build_as_published(spark, root, tmp_path / "full"))
