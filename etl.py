@@ -42,12 +42,15 @@ from lake.intake import (
     LakeCopy,
     TreeIntake,
     compare,
+    from_nothing,
     load_manifest,
     new_manifest,
     partition_units,
     rejects_location,
     segment_name,
+    state_fault,
     state_paths,
+    state_rows,
     why_full,
 )
 from lake.lock import Lock
@@ -1550,7 +1553,7 @@ def take_stock(settings: Settings, plan: RunPlan, report: RunReport, comparable:
     for tree in (SONG_DATA, LOG_DATA):
         listed = list_tree(plan, settings.input_root, tree)
         since_last = compare(tree, listed, comparable, report.run_id)  # what the report calls new
-        intakes[tree] = since_last if reason is None else compare(tree, listed, None, report.run_id)
+        intakes[tree] = since_last if reason is None else from_nothing(since_last)
         files[tree] = since_last.counts()
     report.intake = {"mode": FULL if reason else INCREMENTAL, "why_full": reason,
                      "previous_run": (comparable or {}).get("run_id"), "files": files,
@@ -1617,8 +1620,9 @@ def transform(songs: DataFrame, events: DataFrame, report: RunReport) -> Tuple[D
 
 
 def transform_increment(spark: SparkSession, settings: Settings, report: RunReport, intakes: Mapping[str, TreeIntake],
-                        clean: Mapping[str, DataFrame], copy: LakeCopy) -> Increment:
-    """The new tables from the state and the fresh records, what changed, and the partitions it touches."""
+                        clean: Mapping[str, DataFrame], paths: Mapping[str, str]) -> Increment:
+    """The new tables from the state (read where paths say) and the fresh records, what changed, and the
+    partitions it touches."""
     with phase(report, "build tables") as counts:
         dead = sum(intake.previous[name].records for intake in intakes.values() for name in intake.dead)
         fresh = sum(report.input.get(key, 0) for key in ("song_records", "log_events"))
@@ -1627,7 +1631,6 @@ def transform_increment(spark: SparkSession, settings: Settings, report: RunRepo
             # A daily run's frames are small and its joins planned (broadcasts named): adaptive execution
             # would run each of its many small shuffles as a job of its own (101 jobs against 36, measured).
             spark.conf.set(ADAPTIVE, "false")
-        paths = state_paths(copy, settings.output_root, intakes)
         increment = build_increment(spark, settings, intakes, clean, small, paths)
         find_touched(increment.changes)
         rows = count_rows(increment.tables)
@@ -1635,9 +1638,40 @@ def transform_increment(spark: SparkSession, settings: Settings, report: RunRepo
             report.tables[name] = {"rows": rows[name]}
             counts[name] = rows[name]
         counts["partitions touched"] = sum(len(change.touched) for change in increment.changes)
+    return increment
+
+
+def count_state(spark: SparkSession, paths: Mapping[str, str], names: Sequence[str]) -> Dict[str, int]:
+    """The rows of each named state folder, in one job (a count reads the parquet footers only)."""
+    parts = [spark.read.schema("_any string").parquet(paths[name]).select(F.lit(name).alias("folder"))
+             for name in names]
+    return {row["folder"]: row["count"] for row in reduce(DataFrame.unionByName, parts).groupBy("folder").count()
+            .collect()}
+
+
+def read_state(spark: SparkSession, settings: Settings, report: RunReport, intakes: Dict[str, TreeIntake],
+               copy: LakeCopy) -> Optional[Dict[str, str]]:
+    """Where Spark reads the state a daily run builds on, fetched first if the lake keeps it on S3 and Spark
+    has no S3 reader, once each folder's rows are checked against the manifest. A folder that is missing,
+    short or unreadable would silently take its rows out of every partition the run rewrites: the run
+    becomes a full build instead (the input is all there), said in the log and the report (why_full);
+    intakes become a full build's, and None is returned."""
+    with phase(report, "check state") as counts:
+        paths = state_paths(copy, settings.output_root, intakes)
+        expected = state_rows(intakes, report.intake["previous_rows"])
+        try:
+            fault = state_fault(expected, count_state(spark, paths, sorted(expected)))
+        except Exception as exc:  # a folder Spark cannot find, a file it cannot read: the state is not usable
+            fault = f"the lake's state cannot be read: {one_line(exc)}"
         if copy.folder:
             counts["state files fetched"] = report.intake["state_files_fetched"] = copy.files
-    return increment
+        counts["folders"] = len(expected)
+    if fault is None:
+        return paths
+    LOG.warning("full build instead: %s", fault)
+    report.intake.update(mode=FULL, why_full=fault)
+    intakes.update({tree: from_nothing(intake) for tree, intake in intakes.items()})
+    return None
 
 
 def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
@@ -1651,6 +1685,8 @@ def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunR
 def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
              intakes: Mapping[str, TreeIntake], copy: LakeCopy, lock: Optional[Lock]) -> bool:
     store, run_id = plan.output_store, report.run_id
+    intakes = dict(intakes)
+    paths = read_state(spark, settings, report, intakes, copy) if report.intake["mode"] == INCREMENTAL else None
     whole = report.intake["mode"] == FULL
     clean, rejects, per_file = extract(spark, settings, report, plan, intakes, whole)
     plays = latest = increment = None
@@ -1658,7 +1694,7 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         tables, plays, latest = transform(clean[SONG_DATA], clean[LOG_DATA], report)
         songs, events = clean[SONG_DATA], clean[LOG_DATA]
     else:
-        increment = transform_increment(spark, settings, report, intakes, clean, copy)
+        increment = transform_increment(spark, settings, report, intakes, clean, cast(Dict[str, str], paths))
         tables, songs, events = increment.tables, increment.songs, increment.events
     with phase(report, "quality gate") as counts:
         pause_point("gate")

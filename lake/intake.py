@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from lake.paths import join
 from lake.stores import Store
+from lake.tables import SONGPLAYS, USERS
 
 STATE_DIR = "_state"
 MANIFEST_UNIT = f"{STATE_DIR}/manifest"
@@ -132,6 +133,11 @@ def compare(tree: str, listed: Sequence[InputFile], manifest: Optional[dict], se
     return intake
 
 
+def from_nothing(intake: TreeIntake) -> TreeIntake:
+    """The same listing, as a full build takes it in: every file added, no segment of the lake's read."""
+    return compare(intake.tree, list(intake.listed.values()), None, intake.segment)
+
+
 def manifest_path(output_root: str) -> str:
     return join(output_root, MANIFEST_UNIT, MANIFEST_FILE)
 
@@ -236,6 +242,30 @@ def state_paths(copy: LakeCopy, output_root: str, intakes: Mapping[str, TreeInta
     below = len(STATE_DIR) + 1  # listed below _state/, never the tables beside it
     found = copy.paths(join(output_root, STATE_DIR), [name[below:] for name in names + [PLAYS_STATE, USERS_STATE]])
     return {f"{STATE_DIR}/{name}": path for name, path in found.items()}
+
+
+def state_rows(intakes: Mapping[str, TreeIntake], tables: Mapping[str, int]) -> Dict[str, int]:
+    """The rows each state folder a daily run reads holds, as the manifest says: a segment the clean records
+    of the files in it, the plays state one row per songplay, the users state one per user."""
+    expected = {segment_name(intake.tree, segment): 0 for intake in intakes.values() for segment in intake.segments}
+    for intake in intakes.values():
+        for taken in intake.previous.values():
+            name = segment_name(intake.tree, taken.segment)
+            expected[name] = expected.get(name, 0) + taken.records
+    expected.update({PLAYS_STATE: tables.get(SONGPLAYS, 0), USERS_STATE: tables.get(USERS, 0)})
+    return expected
+
+
+def state_fault(expected: Mapping[str, int], found: Mapping[str, int]) -> Optional[str]:
+    """Why the state found cannot be trusted (a folder holding other than the manifest's rows: files lost to a
+    lifecycle rule or a clean-up, or added by hand), or None."""
+    wrong = [name for name in sorted(expected) if found.get(name, 0) != expected[name]]
+    if not wrong:
+        return None
+    name = wrong[0]
+    others = f" (and {len(wrong) - 1} more folders)" if len(wrong) > 1 else ""
+    return (f"the lake's state does not match its manifest: {name} holds {found.get(name, 0)} rows, the manifest "
+            f"says {expected[name]}{others}; files lost (a lifecycle rule, a clean-up?)")
 
 
 def segment_name(tree: str, segment: str) -> str:

@@ -82,3 +82,40 @@ def test_a_lake_at_a_bucket_root_runs_daily_and_equals_a_full_build(spark, run_e
     lake = download(client, "root-lake", "", tmp_path / "lake")
     assert report_of(lake)["intake"]["mode"] == "incremental", report_of(lake)["intake"]["why_full"]
     assert_tables_equal(spark, lake, full_build_as_published(spark, root, tmp_path / "full"))
+
+
+# --------------------------------------------------------------------------- state the lake lost
+
+def assert_announced_full_build(spark, result, lake, root, tmp_path):
+    """The run built in full, and said why in its log and its report; its tables are a full build's."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    why = report_of(lake)["intake"]
+    assert why["mode"] == "full" and why["why_full"].startswith("the lake's state does not match its manifest: ")
+    assert f"full build instead: {why['why_full']}" in result.stderr
+    assert_tables_equal(spark, lake, full_build_as_published(spark, root, tmp_path / "full"))
+
+
+def test_a_state_segment_missing_on_s3_makes_the_next_run_an_announced_full_build(spark, run_etl, s3_endpoint,
+                                                                                  tmp_path):
+    client = s3_client(s3_endpoint, "state-lake")
+    root, env = tmp_path / "input", {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}
+    day_one(root)
+    assert run_etl("--input", root, "--output", "s3://state-lake/lake", env=env).returncode == 0
+    segment = "lake/_state/log_data/"  # day one's events, as a lifecycle rule would expire them
+    lost = [item["Key"] for item in client.list_objects_v2(Bucket="state-lake", Prefix=segment)["Contents"]]
+    client.delete_objects(Bucket="state-lake", Delete={"Objects": [{"Key": key} for key in lost]})
+    a_later_day(root)
+    result = run_etl("--input", root, "--output", "s3://state-lake/lake", env=env)
+    assert_announced_full_build(spark, result, download(client, "state-lake", "lake/", tmp_path / "lake"), root,
+                                tmp_path)
+
+
+def test_a_state_file_missing_locally_makes_the_next_run_an_announced_full_build(spark, run_etl, tmp_path):
+    root, lake = tmp_path / "input", tmp_path / "lake"
+    day_one(root)
+    assert run_daily(run_etl, root, lake)["intake"]["mode"] == "full"
+    biggest = max((lake / "_state" / "plays").rglob("part-*"), key=lambda path: path.stat().st_size)
+    biggest.unlink()  # a clean-up by hand
+    a_later_day(root)
+    result = run_etl("--input", root, "--output", lake)
+    assert_announced_full_build(spark, result, lake, root, tmp_path)
