@@ -8,6 +8,7 @@ import boto3
 from pyspark.testing import assertDataFrameEqual
 
 import etl
+from lake.intake import compare, state_fault, state_rows
 from lake.tables import SPECS
 from test_incremental import BLUE, DAY_1, YELLOW, event, published, report_of, run_daily, song, write_log, write_song
 from test_s3 import CREDENTIALS, download
@@ -85,6 +86,16 @@ def test_a_lake_at_a_bucket_root_runs_daily_and_equals_a_full_build(spark, run_e
 
 
 # --------------------------------------------------------------------------- state the lake lost
+
+def test_each_state_folder_holds_the_rows_its_manifest_says_and_one_that_does_not_is_named():
+    manifest = {"trees": {etl.LOG_DATA: {"segments": ["r1", "r2"],
+                                         "files": {"a": "etag r1 3", "b": "etag r2 2", "c": "etag r2 1"}}}}
+    expected = state_rows({etl.LOG_DATA: compare(etl.LOG_DATA, [], manifest, "r3")}, {"songplays": 5, "users": 2})
+    assert expected == {"_state/log_data/r1": 3, "_state/log_data/r2": 3, "_state/plays": 5, "_state/users": 2}
+    assert state_fault(expected, dict(expected)) is None
+    assert state_fault(expected, {**expected, "_state/log_data/r2": 0}).startswith(
+        "the lake's state does not match its manifest: _state/log_data/r2 holds 0 rows, the manifest says 3;")
+
 
 def assert_announced_full_build(spark, result, lake, root, tmp_path):
     """The run built in full, and said why in its log and its report; its tables are a full build's."""
