@@ -1334,6 +1334,7 @@ def write_table(table: DataFrame, path: str, partition_by: Sequence[str]) -> Non
 
 
 AS_TABLE, AS_RECORDS, AS_JSON = "table", "records", "rejects"
+GATE_FAILED_DIR = "_gate_failed"  # below the rejects root: the rejects of runs whose gate failed
 WRITE_STATE = "write state"
 REJECTS_SCHEMA = f"{SOURCE_FILE} string, {REASON} string, line string"
 
@@ -1415,12 +1416,26 @@ def reject_writes(spark: SparkSession, copy: LakeCopy, settings: Settings, intak
     return writes
 
 
+def held_rejects(settings: Settings, report: RunReport, intakes: Mapping[str, TreeIntake],
+                 fresh: Mapping[str, DataFrame], whole: bool) -> List[Write]:
+    """A run whose gate failed takes nothing in, so its rejects stay out of the rejects tree (which holds
+    what a full build of the lake's intake writes: the next run that takes these files in writes their
+    rejects there). They are kept for inspection at <rejected root>/_gate_failed/<run id>/<tree>/ (a "_"
+    name: no reader of a tree looks there), where the report's rejected.path points."""
+    held = join(settings.rejected_root, GATE_FAILED_DIR, report.run_id)
+    LOG.warning("the gate failed: this run's rejects are kept at %s, the rejects tree stays as it was", held)
+    report.rejected_root = held
+    return [Write(Unit(settings.rejected_root, f"{GATE_FAILED_DIR}/{report.run_id}/{tree}"), fresh[tree],
+                  kind=AS_JSON) for tree in (SONG_DATA, LOG_DATA) if whole or intakes[tree].fresh]
+
+
 def kept_rejects(spark: SparkSession, copy: LakeCopy, settings: Settings, intake: TreeIntake) -> DataFrame:
     """The published rejects of files the lake took in and still counts as they were."""
     if not copy.store.has_data(join(settings.rejected_root, intake.tree)):
         return spark.createDataFrame([], REJECTS_SCHEMA)
     published = spark.read.schema(REJECTS_SCHEMA).json(copy.paths(settings.rejected_root, [intake.tree])[intake.tree])
-    # A failed run publishes the rejects of files the lake did not take in: only the state says which count.
+    # The tree may hold rejects of files the lake did not take in (a failed run published them, before failed
+    # runs held theirs back): only the state says which count.
     named = [row[SOURCE_FILE] for row in published.select(SOURCE_FILE).distinct().collect()]
     unchanged = intake.unchanged
     return of_files(published, [name for name in named if name in unchanged and name in intake.previous])
@@ -1681,7 +1696,7 @@ def read_state(spark: SparkSession, settings: Settings, report: RunReport, intak
 
 def run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: RunReport,
             intakes: Mapping[str, TreeIntake], lock: Optional[Lock] = None) -> bool:
-    """Extract, transform, check, stage, publish. If the gate fails only the rejects are published. A run
+    """Extract, transform, check, stage, publish. If the gate fails only its rejects are kept (held_rejects). A run
     that no longer holds the lake (lock) publishes nothing more."""
     with spool_folder(plan, f"{report.run_id}-lake") as folder:
         return _run_job(spark, settings, plan, report, intakes, LakeCopy(plan.output_store, folder), lock)
@@ -1710,7 +1725,8 @@ def _run_job(spark: SparkSession, settings: Settings, plan: RunPlan, report: Run
         LOG.error("check failed: %s (%s)", check.name, check.detail)
     if failed:
         report.error = report.error_line = gate_failure(failed)
-    writes = reject_writes(spark, copy, settings, intakes, rejects, whole)
+    writes = held_rejects(settings, report, intakes, rejects, whole) if failed \
+        else reject_writes(spark, copy, settings, intakes, rejects, whole)
     to_publish = [item.unit for item in writes]
     if not failed:
         lake_writes, lake_units = full_output(settings, run_id, tables, clean, plays, latest) if whole \

@@ -8,6 +8,7 @@ import boto3
 from pyspark.testing import assertDataFrameEqual
 
 import etl
+from lake.intake import compare, state_fault, state_rows
 from lake.tables import SPECS
 from test_incremental import BLUE, DAY_1, YELLOW, event, published, report_of, run_daily, song, write_log, write_song
 from test_s3 import CREDENTIALS, download
@@ -86,6 +87,16 @@ def test_a_lake_at_a_bucket_root_runs_daily_and_equals_a_full_build(spark, run_e
 
 # --------------------------------------------------------------------------- state the lake lost
 
+def test_each_state_folder_holds_the_rows_its_manifest_says_and_one_that_does_not_is_named():
+    manifest = {"trees": {etl.LOG_DATA: {"segments": ["r1", "r2"],
+                                         "files": {"a": "etag r1 3", "b": "etag r2 2", "c": "etag r2 1"}}}}
+    expected = state_rows({etl.LOG_DATA: compare(etl.LOG_DATA, [], manifest, "r3")}, {"songplays": 5, "users": 2})
+    assert expected == {"_state/log_data/r1": 3, "_state/log_data/r2": 3, "_state/plays": 5, "_state/users": 2}
+    assert state_fault(expected, dict(expected)) is None
+    assert state_fault(expected, {**expected, "_state/log_data/r2": 0}).startswith(
+        "the lake's state does not match its manifest: _state/log_data/r2 holds 0 rows, the manifest says 3;")
+
+
 def assert_announced_full_build(spark, result, lake, root, tmp_path):
     """The run built in full, and said why in its log and its report; its tables are a full build's."""
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,3 +130,31 @@ def test_a_state_file_missing_locally_makes_the_next_run_an_announced_full_build
     a_later_day(root)
     result = run_etl("--input", root, "--output", lake)
     assert_announced_full_build(spark, result, lake, root, tmp_path)
+
+
+# --------------------------------------------------------------------------- the rejects of a failed run
+
+BAD_LINES = ['{"ts": "not a number", "page": "NextSong"', "not json at all"]
+
+
+def rejects_in(spark, folder):
+    return {(row["source_file"], row["line"]) for row in spark.read.json(str(folder)).collect()}
+
+
+def test_a_run_whose_gate_failed_leaves_the_rejects_tree_as_the_lakes_intake(spark, run_etl, tmp_path):
+    root, lake = tmp_path / "input", tmp_path / "lake"
+    day_one(root)
+    day_one_log = root / "log_data" / "2018" / "11" / "2018-11-01-events.json"
+    day_one_log.write_text(day_one_log.read_text() + "\n" + BAD_LINES[1])
+    assert run_daily(run_etl, root, lake)["intake"]["mode"] == "full"
+    # Two of three lines rejected: the rejected share rises far past the gate's limit.
+    day_two_log = write_log(root, 2, [event(12, 2, 0, "Blue", "Other", 180.0)])
+    day_two_log.write_text(day_two_log.read_text() + "\n" + "\n".join(BAD_LINES))
+    result = run_etl("--input", root, "--output", lake)
+    assert result.returncode == 1 and "the quality gate failed" in result.stderr.splitlines()[-1]
+    # The tree is what a full build of what the lake took in (day one) writes; day two's are kept aside.
+    assert rejects_in(spark, lake / etl.REJECTED_DIR / etl.LOG_DATA) == {(f"file:{day_one_log}", BAD_LINES[1])}
+    report = report_of(lake)
+    assert report["published"] == []
+    assert rejects_in(spark, report["rejected"]["path"] + "/" + etl.LOG_DATA) == \
+        {(f"file:{day_two_log}", line) for line in BAD_LINES}
