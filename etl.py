@@ -416,9 +416,11 @@ def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
     unknown = F.array_except(F.json_object_keys(F.col(LINE)), F.array(*[F.lit(name) for name in schema.fieldNames()]))
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
     # from_json reads the line's first value and ignores what follows it: a line holding more (two events
-    # glued together by a lost newline) is made a corrupt record here, so that no event of it loads.
+    # glued together by a lost newline) is made a corrupt record here, so that no event of it loads. Its
+    # corrupt text is "", which no JSON parser takes: _reject_reason calls it malformed without checking
+    # the line again (the line itself is kept in LINE).
     corrupt = F.struct(*[F.lit(None).cast(f.dataType).alias(f.name) for f in schema.fields],
-                       F.col(LINE).alias(CORRUPT_RECORD))
+                       F.lit("").alias(CORRUPT_RECORD))
     record = F.when(one_json_value(F.col(LINE)), F.from_json(F.col(LINE), _with_corrupt_record(schema), options)) \
         .otherwise(corrupt)
     return (
@@ -581,9 +583,9 @@ UNKNOWN_PREFIX = "unknown:"
 
 def _reject_reason(required: str, missing_reason: str) -> Column:
     corrupt = F.col(CORRUPT_RECORD)
-    # A line that parses as a JSON object but not into the schema is a type error, not bad JSON; one holding
-    # more than one value (parse_lines) is bad JSON.
-    not_json = F.from_json(corrupt, "map<string,string>").isNull() | ~one_json_value(corrupt)
+    # A line that parses as a JSON object but not into the schema is a type error, not bad JSON. (One
+    # holding more than one value has "" as its corrupt text: parse_lines.)
+    not_json = F.from_json(corrupt, "map<string,string>").isNull()
     return (
         F.when(F.col(NOT_UTF8), F.lit(REASON_NOT_UTF8))
         .when(corrupt.isNotNull() & not_json, F.lit(REASON_MALFORMED))
