@@ -108,12 +108,13 @@ def records(pattern, columns):
     glued together and drop the second, where the contract rejects the line. A line that is not UTF-8 is
     skipped by the CSV reader, one that is not one JSON object by the filter."""
     structure = json.dumps(columns).replace("'", "''")
+    # DuckDB may evaluate from_json on lines a WHERE would drop: it is given NULL for those instead.
     return f"""
-    SELECT unnest(from_json(line, '{structure}')) FROM (
-        SELECT line FROM read_csv('{pattern}', columns = {{'line': 'VARCHAR'}}, delim = chr(31), quote = '',
-                                  escape = '', header = false, auto_detect = false, new_line = '\\n',
-                                  ignore_errors = true))
-    WHERE CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END"""
+    SELECT unnest(from_json(object, '{structure}')) FROM (
+        SELECT CASE WHEN json_valid(line) THEN CASE WHEN json_type(line) = 'OBJECT' THEN line END END AS object
+        FROM read_csv('{pattern}', columns = {{'line': 'VARCHAR'}}, delim = chr(31), quote = '', escape = '',
+                      header = false, auto_detect = false, new_line = '\\n', ignore_errors = true))
+    WHERE object IS NOT NULL"""
 
 
 def run(input_root, output_root, threads):
