@@ -375,6 +375,35 @@ def parse_whole_files(files: DataFrame, schema: T.StructType) -> DataFrame:
     return parse_lines(pieces.select(SOURCE_FILE, lines.alias(PIECE), PIECE_IS_TEXT), schema)
 
 
+# A JSON string literal, escapes honoured; possessive, so that a long string costs no stack.
+JSON_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+
+
+def one_json_value(text: Column) -> Column:
+    """Whether a line holds one JSON value and nothing after it but whitespace (DATA_CONTRACT.md): false for
+    `{..}{..}`, `{..} {..}`, `{..},{..}`, `{..}]` or `{..} 5`. Spark SQL alone, as it runs on every line.
+
+    Nearly every line is an object whose first "}" ends it: it holds one value, as its closing brace
+    is its only one. The others are walked: with string literals blanked out, the brackets left must close
+    the first one only at the last, and the text must end there (measured in docs/performance.md: the walk
+    on every line would double the cost of reading). A line with no bracket at all is left to from_json,
+    which finds it is no object.
+    """
+    simple = text.startswith("{") & (F.instr(text, "}") == F.length(text))
+    blanked = F.regexp_replace(text, JSON_STRING, '""')
+    brackets = F.regexp_replace(blanked, r"[^\[\]{}]", "")
+    # Walk the brackets: the depth, and how often it fell to 0 (or below, for a stray closing bracket).
+    start = F.struct(F.lit(0).alias("depth"), F.lit(0).alias("closed"))
+
+    def step(walked: Column, bracket: Column) -> Column:
+        depth = walked["depth"] + F.when(bracket.isin("{", "["), 1).otherwise(-1)
+        return F.struct(depth.alias("depth"), (walked["closed"] + F.when(depth <= 0, 1).otherwise(0)).alias("closed"))
+
+    walked = F.aggregate(F.split(brackets, ""), start, step)
+    return F.when(simple, True).when(brackets == "", True).otherwise(
+        (walked["closed"] == 1) & (walked["depth"] == 0) & blanked.rlike(r"[\]}][ \t\r\n]*$"))
+
+
 def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
     """(source_file, piece, piece_is_text) rows, one per line, -> the line parsed with schema, beside the
     line as it arrived.
@@ -394,12 +423,20 @@ def parse_lines(lines: DataFrame, schema: T.StructType) -> DataFrame:
     base64 = F.translate(F.base64(line_bytes), "\r\n", "")
     unknown = F.array_except(F.json_object_keys(F.col(LINE)), F.array(*[F.lit(name) for name in schema.fieldNames()]))
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
+    # from_json reads the line's first value and ignores what follows it: a line holding more (two events
+    # glued together by a lost newline) is made a corrupt record here, so that no event of it loads. Its
+    # corrupt text is "", which no JSON parser takes: _reject_reason calls it malformed without checking
+    # the line again (the line itself is kept in LINE).
+    corrupt = F.struct(*[F.lit(None).cast(f.dataType).alias(f.name) for f in schema.fields],
+                       F.lit("").alias(CORRUPT_RECORD))
+    record = F.when(one_json_value(F.col(LINE)), F.from_json(F.col(LINE), _with_corrupt_record(schema), options)) \
+        .otherwise(corrupt)
     return (
         lines.select(F.col(SOURCE_FILE), F.col(PIECE), F.col(PIECE_IS_TEXT), text.alias(LINE))
         .filter(F.trim(F.col(LINE)) != "")  # blank lines are not records
         .select(SOURCE_FILE, PIECE, LINE, not_utf8.alias(NOT_UTF8))
         .select(
-            F.from_json(F.col(LINE), _with_corrupt_record(schema), options).alias("record"),
+            record.alias("record"),
             F.col(SOURCE_FILE),
             F.when(F.col(NOT_UTF8), base64).otherwise(F.col(LINE)).alias(LINE),
             F.col(NOT_UTF8),
@@ -554,7 +591,8 @@ UNKNOWN_PREFIX = "unknown:"
 
 def _reject_reason(required: str, missing_reason: str) -> Column:
     corrupt = F.col(CORRUPT_RECORD)
-    # A line that parses as a JSON object but not into the schema is a type error, not bad JSON.
+    # A line that parses as a JSON object but not into the schema is a type error, not bad JSON. (One
+    # holding more than one value has "" as its corrupt text: parse_lines.)
     not_json = F.from_json(corrupt, "map<string,string>").isNull()
     return (
         F.when(F.col(NOT_UTF8), F.lit(REASON_NOT_UTF8))

@@ -2,8 +2,8 @@
 
 Everything lives under <output>/_state/ (a "_" name: no reader takes it for a table):
 
-    _state/manifest/manifest.json   every input file taken in: its version (S3 ETag, or local size and mtime),
-                                    the segment holding its records, and its clean record count; the
+    _state/manifest/manifest.json   every input file taken in: its version (S3 ETag, or local size, mtime,
+                                    inode and ctime), the segment holding its records, and its clean record count; the
                                     segments of each tree; the layout and the tables' row counts
     _state/song_data/<run id>/      clean song records (parquet, each with its source_file): one segment
                                     per run that read song files
@@ -48,7 +48,7 @@ class InputFile:
     path: str  # as Spark's own readers are given it
     location: object  # what a fetching task opens
     size: int
-    version: str  # changes when the file is replaced: S3 ETag, or local size and mtime
+    version: str  # changes when the file is replaced: S3 ETag, or local size, mtime, inode and ctime
 
 
 @dataclass(frozen=True)

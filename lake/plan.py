@@ -106,6 +106,9 @@ class SparkSetup:
     # Classes the run needs that spark-submit's own classpath must provide: checked once the JVM is up.
     needed_classes: Mapping[str, str] = field(default_factory=dict)
     summary: str = "local paths"
+    # Set in this process's environment before the session starts: what PySpark reads when the driver
+    # creates the context, not from the session's settings.
+    environ: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,13 @@ def spark_setup(environ: Mapping[str, str], marker: Optional[str], aws: Optional
         return SparkSetup(summary=f"EMR ({marker}): S3, committers and local files are left to EMR's own set-up")
     submitted = _submitted(environ)
     conf: Dict[str, str] = {}
+    environ_set: Dict[str, str] = {}
+    if not submitted and "PYSPARK_PYTHON" not in environ:
+        # Input is fetched in Python workers (read_listed), which need what this interpreter has (boto3 for
+        # S3), whereas Spark's default worker is whatever `python3` is first on the PATH. PySpark takes the
+        # workers' executable from PYSPARK_PYTHON as the context is created (spark.pyspark.python is read
+        # only by spark-submit's launcher); a user's own setting, and spark-submit's, stay as they are.
+        environ_set["PYSPARK_PYTHON"] = sys.executable
     if submitted:
         nio = "local files through Hadoop's default (spark-submit fixes the driver's classpath before the job runs)"
     elif os.path.isfile(nio_jar):
@@ -172,18 +182,15 @@ def spark_setup(environ: Mapping[str, str], marker: Optional[str], aws: Optional
         nio = "local files through java.nio (no chmod process per file)"
     else:
         nio = f"local files through Hadoop's default ({nio_jar} not built: run `make setup`)"
-    if not submitted and "PYSPARK_PYTHON" not in environ:
-        # Input is fetched in Python workers (read_listed), which need what this interpreter has (boto3 for
-        # S3), whereas Spark's default worker is whatever `python3` is first on the PATH.
-        conf["spark.pyspark.python"] = sys.executable
     if not (input_on_s3 or output_on_s3):
-        return SparkSetup(conf=conf, summary=f"local paths; {nio}")
+        return SparkSetup(conf=conf, summary=f"local paths; {nio}", environ=environ_set)
     reads = "S3 input listed flat and fetched in the plan" if input_on_s3 else "local input"
     if not submitted:
         conf.update(_quiet_failures())
         writes = f"S3 output written to local disk, then PUT by boto3 ({S3_REQUESTS_IN_FLIGHT} in flight)" \
             if output_on_s3 else "local output"
-        return SparkSetup(conf=conf, summary=f"{reads}; {writes}; credentials from the {aws.source}; {nio}")
+        return SparkSetup(conf=conf, summary=f"{reads}; {writes}; credentials from the {aws.source}; {nio}",
+                          environ=environ_set)
     conf.update({f"spark.hadoop.{key}": value for key, value in s3a_options(aws).items()})
     conf.update(MAGIC_COMMITTER)
     needed = {S3A_FILE_SYSTEM: "the S3A connector", CLOUD_COMMIT_PROTOCOL: "spark-hadoop-cloud"}
@@ -253,6 +260,7 @@ def create_spark_session(plan: Optional[RunPlan] = None):
     from pyspark.sql import SparkSession
 
     setup = plan.spark if plan else spark_setup(os.environ, emr_marker())
+    os.environ.update(setup.environ)
     builder = SparkSession.builder.appName(APP_NAME)
     for key, value in {**SESSION_CONF, **setup.conf}.items():
         builder = builder.config(key, value)

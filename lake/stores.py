@@ -82,7 +82,8 @@ class Store(Protocol):
     def list_input(self, folder: str) -> List[Tuple[str, object, int, str]]:
         """(name, location, size, version) of every input file below folder, from one listing: the name as
         Spark's binaryFile reader spells it, what a task opens (etl.py's fetch functions), and what changes
-        when the file is replaced (an ETag on S3, size and mtime on local disk; lake.intake compares it)."""
+        when the file is replaced (an ETag on S3; on local disk size, mtime, inode and ctime; lake.intake
+        compares it)."""
 
     def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:
         """What a task that fetches listed files makes its S3 client from (lake.aws.s3_client_settings); None
@@ -177,12 +178,14 @@ class LocalStore:
             raise EtlError(f"no .json files under {folder}")
 
     def list_input(self, folder: str) -> List[Tuple[str, object, int, str]]:
-        # Reading a local file needs no size; the version does (a file rewritten within one mtime tick
-        # to the same size would go unseen: nanosecond mtimes make that unlikely).
+        # Reading a local file needs no size; the version does. Size and mtime alone miss a file corrected in
+        # place to the same size with its mtime put back (cp -p, touch -r, rsync -t): user tools can set
+        # mtime, but not the inode (a file replaced by a rename gets a new one) nor ctime (any write sets it).
         listed = []
         for path in (os.path.join(folder, name) for name in visible_files(folder) if is_input_file(name)):
             stat = os.stat(path)
-            listed.append((f"file:{path}", path, 0, f"{stat.st_size}-{stat.st_mtime_ns}"))
+            version = f"{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ino}-{stat.st_ctime_ns}"
+            listed.append((f"file:{path}", path, 0, version))
         return listed
 
     def task_client(self, in_flight: int) -> Optional[Dict[str, object]]:

@@ -112,6 +112,27 @@ def sample_output(sample_run):
     return sample_run[0]
 
 
+def glue_two_new_plays(root):
+    """A day file under root holding one line: two plays of known users, new to the sample, glued together
+    as `cat a.json b.json` glues them when a.json lacks its final newline (the sample's files do)."""
+    import json
+    import subprocess
+
+    sample_day = SAMPLE / "log_data" / "2018" / "11" / "2018-11-30-events.json"
+    day = Path(root) / "log_data" / "2018" / "12" / "2018-12-01-events.json"
+    day.parent.mkdir(parents=True)
+    parts = []
+    for number, line in enumerate(sample_day.read_text().splitlines()[:2]):
+        event = json.loads(line)
+        parts.append(day.parent / f"{number}.part")
+        parts[-1].write_text(json.dumps({**event, "ts": event["ts"] + 86_400_000}) + ("\n" if number else ""))
+    with open(day, "wb") as glued:
+        subprocess.run(["cat", *parts], stdout=glued, check=True)
+    for part in parts:
+        part.unlink()
+    return day
+
+
 def read_tables(spark, root):
     return {name: spark.read.parquet(str(Path(root) / name)) for name in etl.TABLES}
 

@@ -263,6 +263,34 @@ def test_split_events_rejects_bad_lines_and_keeps_good_ones(spark, tmp_path):
                                                "ts long, userId string, page string"))
 
 
+# Two events on one line, each way a lost newline or a stray character can glue them.
+GLUED_LINES = [
+    '{"ts": 1, "page": "Home"}{"ts": 2, "page": "Home"}',
+    '{"ts": 1, "page": "Home"} {"ts": 2, "page": "Home"}',
+    '{"ts": 1, "page": "Home"},{"ts": 2, "page": "Home"}',
+    '{"ts": 1, "page": "Home"}]',
+    '{"ts": 1, "page": "Home"} 5',
+    '{"ts": 1, "page": "Home"} "x"',
+]
+# Braces, brackets and escaped quotes inside strings are text, not structure; trailing blanks are allowed.
+TRICKY_LINE = '{"ts": 3, "page": "H{o}m]e", "song": "say \\"}{\\" [", "artist": "\\\\"}\t '
+
+
+@pytest.mark.parametrize("small_files", [False, True])  # the line reader, the whole-file reader
+def test_a_line_holding_more_than_one_json_value_is_malformed(spark, tmp_path, small_files):
+    source = tmp_path / "log_data" / "day.json"
+    source.parent.mkdir()
+    source.write_text("\n".join([*GLUED_LINES, TRICKY_LINE]) + "\n")
+    clean, rejects = etl.split_events(etl.read_json(spark, str(tmp_path / "log_data"), etl.LOG_SCHEMA,
+                                                    small_files=small_files))
+    expected = spark.createDataFrame([(f"file:{source}", etl.REASON_MALFORMED, line) for line in GLUED_LINES],
+                                     REJECTS_SCHEMA)
+    assertDataFrameEqual(rejects, expected)
+    assertDataFrameEqual(clean.select("ts", "page", "song", "artist"),
+                         spark.createDataFrame([(3, "H{o}m]e", 'say "}{" [', "\\")],
+                                               "ts long, page string, song string, artist string"))
+
+
 def test_split_songs_rejects_songs_without_song_id(spark, song_records):
     raw = song_records(song(), song(song_id=None, title="Nameless"), song(song_id=" ", title="Blank")) \
         .withColumn(etl.CORRUPT_RECORD, etl.F.lit(None).cast("string")) \

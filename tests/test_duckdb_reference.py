@@ -5,19 +5,27 @@ import sys
 
 import duckdb
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, glue_two_new_plays
 
 sys.path.insert(0, str(ROOT / "tools"))
 import compare_tables  # noqa: E402
 
 
-def build_with_duckdb(out):
-    subprocess.run([sys.executable, ROOT / "tools" / "duckdb_etl.py", SAMPLE, out], check=True, capture_output=True)
+def build_with_duckdb(out, source=SAMPLE):
+    subprocess.run([sys.executable, ROOT / "tools" / "duckdb_etl.py", source, out], check=True, capture_output=True)
     return out
 
 
 def test_duckdb_builds_our_tables_row_for_row(sample_output, tmp_path):
     assert compare_tables.differences(sample_output, build_with_duckdb(tmp_path / "duckdb")) == {}
+
+
+def test_duckdb_loads_neither_of_two_events_glued_on_one_line(sample_output, tmp_path):
+    # etl.py rejects the line (tests/test_quality.py): the reference must leave both events out as well.
+    root = tmp_path / "input"
+    shutil.copytree(SAMPLE, root)
+    glue_two_new_plays(root)
+    assert compare_tables.differences(sample_output, build_with_duckdb(tmp_path / "duckdb", root)) == {}
 
 
 def test_the_comparison_sees_one_changed_row(sample_output, tmp_path):

@@ -2,7 +2,8 @@
 
 One small hand-written lake goes through the day-to-day cases in turn (each test one run of etl.py on the
 lake the previous test left, so the tests run in file order and share the runs): an event delivered again,
-a level change, late song files, an artist's better record, a log file replaced in place, files removed.
+a level change, late song files, an artist's better record, a log file replaced in place, one corrected in
+place with its size and mtime as they were, files removed.
 After each run the published tables are compared, whole, with a full build of the same input made in this
 process (etl.build_tables on the input as it now stands). A generated set then gets five daily runs in a
 row, and a run is killed between publishing the state and publishing the tables.
@@ -179,6 +180,19 @@ def test_a_log_file_replaced_in_place_counts_only_as_it_is_now(spark, run_etl, l
     assert report["intake"]["files"]["log_data"] == {"listed": 3, "added": 0, "changed": 1, "removed": 0}
     assert published(spark, out, "users").filter("user_id = 13").count() == 1
     assert_full_build(spark, out, root)  # user 12's day-2 play of Blue is gone; day 1's first play stays
+
+
+def test_a_log_file_corrected_in_place_with_its_size_and_mtime_put_back_is_read_again(spark, run_etl, lake):
+    root, out = lake
+    path = log_path(root, 1)
+    before = path.stat()
+    corrected = path.read_text().replace('"level":"free"', '"level":"paid"')  # as long as it was
+    path.write_text(corrected)  # in place: the same inode
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as cp -p, touch -r or rsync -t put it back
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    report = run_daily(run_etl, root, out)
+    assert_full_build(spark, out, root)
+    assert report["intake"]["files"]["log_data"]["changed"] == 1
 
 
 def test_a_removed_file_no_longer_counts(spark, run_etl, lake, tmp_path):

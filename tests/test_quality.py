@@ -12,7 +12,7 @@ import pytest
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from conftest import ROOT, SAMPLE, read_tables
+from conftest import ROOT, SAMPLE, glue_two_new_plays, read_tables
 from lake.report import REPORT_NAME, RUNS_DIR
 from lake.stores import LocalStore
 
@@ -454,3 +454,20 @@ def test_a_rejected_line_of_each_kind_is_kept_byte_for_byte(run_etl, delivery, t
                 (reject["reason"], reject["source_file"])
     assert kept == {**{line: (reason, f"file:{day}") for line, reason in PLANTED_LINES},
                     PLANTED_SONG_LINE[0]: (PLANTED_SONG_LINE[1], f"file:{song}")}
+
+
+def test_two_events_glued_on_one_line_are_one_reject_and_neither_loads(spark, run_etl, sample_output, tmp_path):
+    root = tmp_path / "input"
+    shutil.copytree(SAMPLE, root)
+    day = glue_two_new_plays(root)
+    out = tmp_path / "output"
+    result = run_etl("--input", root, "--output", out)
+    assert result.returncode == 0, result.stderr
+
+    for name, table in read_tables(spark, out).items():
+        assertDataFrameEqual(table, read_tables(spark, sample_output)[name])
+    assert report_of(out)["rejected"]["log_data"] == 1
+    kept = [json.loads(text) for part in (out / etl.REJECTED_DIR / etl.LOG_DATA).rglob("part-*")
+            for text in part.read_text(encoding="utf-8").splitlines()]
+    assert kept == [{"source_file": f"file:{day}", "reason": etl.REASON_MALFORMED,
+                     "line": day.read_bytes().rstrip(b"\n").decode("utf-8")}]

@@ -67,14 +67,14 @@ def test_the_package_zip_is_lake_as_it_is_now_and_imports_from_the_zip_alone(tmp
 
 def test_local_run_started_by_python_uses_the_nio_file_system():
     chosen = plan(LOCAL).spark
-    assert chosen.conf == {"spark.driver.extraClassPath": NIO_JAR, "spark.hadoop.fs.file.impl": NIO_FILE_SYSTEM,
-                           "spark.pyspark.python": sys.executable}  # song files are read in Python workers
+    assert chosen.conf == {"spark.driver.extraClassPath": NIO_JAR, "spark.hadoop.fs.file.impl": NIO_FILE_SYSTEM}
+    assert chosen.environ == {"PYSPARK_PYTHON": sys.executable}  # song files are read in Python workers
     assert chosen.summary == "local paths; local files through java.nio (no chmod process per file)"
 
 
 def test_an_unbuilt_nio_jar_is_named_as_the_reason():
     chosen = plan(LOCAL, nio_built=False).spark
-    assert chosen.conf == {"spark.pyspark.python": sys.executable}
+    assert chosen.conf == {}
     assert "/nowhere/sparkify-hadoop.jar not built: run `make setup`" in chosen.summary
 
 
@@ -92,10 +92,10 @@ def test_s3_output_under_python_is_spooled_on_local_disk_and_needs_no_s3a():
 def test_s3_input_off_emr_is_listed_and_fetched_by_workers_running_this_python():
     chosen = plan(ON_S3)
     assert chosen.listed_trees == {"song_data", "log_data"} and isinstance(chosen.input_store, S3Store)
-    assert chosen.spark.conf["spark.pyspark.python"] == sys.executable  # it has boto3: the preflight used it
+    assert chosen.spark.environ == {"PYSPARK_PYTHON": sys.executable}  # it has boto3: the preflight used it
     assert chosen.spark.summary.startswith("S3 input listed flat and fetched in the plan")
-    assert "spark.pyspark.python" not in plan(ON_S3, {"PYSPARK_PYTHON": "/opt/py"}).spark.conf  # the user's wins
-    assert "spark.pyspark.python" not in plan(ON_S3, SUBMITTED).spark.conf
+    assert plan(ON_S3, {"PYSPARK_PYTHON": "/opt/py"}).spark.environ == {}  # the user's wins
+    assert plan(ON_S3, SUBMITTED).spark.environ == {}
     local_input = etl.Settings("/in", "s3a://lake/x", "s3a://lake/x/_rejected", aws=ON_S3.aws)
     # Local input: only the many tiny song files are listed; the day-sized logs go to Spark's line reader.
     assert plan(local_input).listed_trees == plan(LOCAL).listed_trees == {"song_data"}
