@@ -144,18 +144,23 @@ def test_spark_submit_without_the_s3a_jars_is_one_clear_line(s3, s3_endpoint, em
 
 # --------------------------------------------------------------------------- the workers' interpreter
 
-FOREIGN_PYTHON = "/usr/bin/python3"  # the system's: no boto3, which the workers need to fetch S3 input
-needs_a_foreign_python = pytest.mark.skipif(
-    not os.path.exists(FOREIGN_PYTHON) or subprocess.run([FOREIGN_PYTHON, "-c", "import boto3"],
-                                                         capture_output=True).returncode == 0,
-    reason=f"needs {FOREIGN_PYTHON} without boto3")
+@pytest.fixture(scope="module")
+def foreign_python(tmp_path_factory):
+    """A python3 of the machine's own that lacks boto3, which the workers need to fetch S3 input: a bare venv
+    (no pip, no site packages) of the interpreter the suite's venv was made from, as a system's python3 is."""
+    folder = tmp_path_factory.mktemp("foreign") / "venv"
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(folder)],
+                   check=True)
+    python = folder / "bin" / "python3"
+    assert subprocess.run([str(python), "-c", "import boto3"], capture_output=True).returncode != 0
+    return str(python)
 
 
-def run_with_foreign_python3_first(s3_endpoint, config, out, bin_folder, **env):
+def run_with_foreign_python3_first(foreign_python, s3_endpoint, config, out, bin_folder, **env):
     """python etl.py on the sample in S3, with a `python3` that lacks boto3 first on the PATH, and
     PYSPARK_PYTHON as env says (unset unless given)."""
     bin_folder.mkdir()
-    (bin_folder / "python3").symlink_to(FOREIGN_PYTHON)
+    (bin_folder / "python3").symlink_to(foreign_python)
     environ = {key: value for key, value in os.environ.items() if key != "PYSPARK_PYTHON"}
     environ.update(CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, PATH=f"{bin_folder}{os.pathsep}{os.environ['PATH']}",
                    **env)
@@ -163,17 +168,18 @@ def run_with_foreign_python3_first(s3_endpoint, config, out, bin_folder, **env):
                            "--output", str(out)], capture_output=True, text=True, env=environ, timeout=600)
 
 
-@needs_a_foreign_python
-def test_workers_run_the_jobs_python_whatever_python3_is_first_on_the_path(s3, s3_endpoint, empty_config, tmp_path):
-    result = run_with_foreign_python3_first(s3_endpoint, empty_config, tmp_path / "out", tmp_path / "bin")
+def test_workers_run_the_jobs_python_whatever_python3_is_first_on_the_path(foreign_python, s3, s3_endpoint,
+                                                                          empty_config, tmp_path):
+    result = run_with_foreign_python3_first(foreign_python, s3_endpoint, empty_config, tmp_path / "out",
+                                            tmp_path / "bin")
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@needs_a_foreign_python
-def test_a_workers_failure_ends_with_one_line_naming_its_cause(s3, s3_endpoint, empty_config, tmp_path):
+def test_a_workers_failure_ends_with_one_line_naming_its_cause(foreign_python, s3, s3_endpoint, empty_config,
+                                                               tmp_path):
     # The user's own PYSPARK_PYTHON is respected: here one without boto3, so every fetch task fails.
-    result = run_with_foreign_python3_first(s3_endpoint, empty_config, tmp_path / "out", tmp_path / "bin",
-                                            PYSPARK_PYTHON=FOREIGN_PYTHON)
+    result = run_with_foreign_python3_first(foreign_python, s3_endpoint, empty_config, tmp_path / "out",
+                                            tmp_path / "bin", PYSPARK_PYTHON=foreign_python)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and last == (
         "error: the run stopped in 'read song_data': ModuleNotFoundError: No module named 'boto3' "
