@@ -10,16 +10,17 @@ import pytest
 # Python turns collected timestamps into local wall-clock time: pin it, as the job pins Spark.
 os.environ["TZ"] = "UTC"
 time.tzset()
-# Every JVM the suite starts lives for seconds to a minute, too short for C2's optimised code to pay for its
-# compiles; on two cores its compiler threads take the CPU from the job (a sample run took about half as long
-# with C1 alone). Only speed changes. spark-submit (pyspark's too) gives SPARK_SUBMIT_OPTS to the driver JVM,
-# which in local mode is the only one, and prints nothing about it; a developer's own setting is kept.
-C1_ONLY = "-XX:TieredStopAtLevel=1"
-os.environ.setdefault("SPARK_SUBMIT_OPTS", C1_ONLY)
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+
+from get_jars import C1_ONLY  # noqa: E402
+
+# Most JVMs the suite starts live for seconds to a minute, too short for C2's optimised code to pay for its
+# compiles; on two cores its compiler threads take the CPU from the job (a sample run took about half as long
+# with C1 alone). Only speed changes. spark-submit (pyspark's too) gives SPARK_SUBMIT_OPTS to the driver JVM,
+# which in local mode is the only one, and prints nothing about it; a developer's own setting is kept.
+os.environ.setdefault("SPARK_SUBMIT_OPTS", C1_ONLY)
 
 from pyspark.sql import SparkSession  # noqa: E402
 

@@ -28,8 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 IVY_DIR = ROOT / ".ivy2"
 MANIFEST = "sparkify-jars.txt"  # the jars this resolution put in IVY_DIR/jars, one per line
-# Spark's JVM here lives a minute at most: C1 alone is enough (tests/conftest.py says why).
-C1_ONLY = "-XX:TieredStopAtLevel=1"
+# Spark's JVM here lives a minute at most: C1 alone is enough (tests/conftest.py says why). C1 alone also
+# shrinks the JIT's code cache to 48 MB by default, which a JVM that lives longer (a pytest session, the soak)
+# fills: the JIT then stops for good ("CodeCache is full. Compiler has been disabled") and every later job
+# runs interpreted, several times slower. The cache is only reserved address space; 256 MB never fills here.
+C1_ONLY = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m"
 # Run in a child process, whose output (Ivy's report, Spark's start-up lines) is kept for a failure's line.
 # SparkContext.addJar resolves an ivy:// URI with Spark's Ivy settings into spark.jars.ivy, retrieves the
 # jars into its jars/ folder, and lists each one it added under its file name.

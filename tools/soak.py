@@ -56,6 +56,7 @@ import duckdb  # noqa: E402
 import compare_tables  # noqa: E402
 import duckdb_etl  # noqa: E402
 import generate_data as gen  # noqa: E402
+import get_jars  # noqa: E402
 from lake.publish import PAUSE_ENV, PUBLISH_JOURNAL  # noqa: E402
 from lake.report import RUNS_DIR  # noqa: E402
 
@@ -667,7 +668,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default=str(ROOT / "soak"), help="where inputs and lakes go (emptied)")
     args = parser.parse_args(argv)
     holes = parse_holes(args.holes)
-    os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1")  # short-lived runs: C1 only
+    os.environ.setdefault("SPARK_SUBMIT_OPTS", get_jars.C1_ONLY)
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
     run = Runner(args.workdir)
