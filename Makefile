@@ -78,9 +78,11 @@ SEQUENCES ?= 1
 HOLES     ?= all
 # CRASH_DAY=n: on day n also kill the run at each rename of its local publish (strace), as tests/test_crash.py.
 CRASH_DAY ?= 0
+# S3_DAY=n: on day n also kill the run on S3 (moto) at each write request, and take its lease away at each step.
+S3_DAY    ?= 0
 soak: setup
 	$(PY) tools/soak.py --seed $(SEED) --days $(DAYS) --sequences $(SEQUENCES) --holes $(HOLES) \
-	  --crash-day $(CRASH_DAY)
+	  --crash-day $(CRASH_DAY) --s3-day $(S3_DAY)
 
 clean:
 	rm -rf output dist soak .pytest_cache .ruff_cache

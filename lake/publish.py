@@ -378,9 +378,10 @@ def clear_staging(store: Store, roots: Sequence[str], output_root: str, run_id: 
 
 def pause_point(name: str) -> None:
     """Fault injection for the crash tests: SPARKIFY_PAUSE_AT=<name>[,<name>...] stops the run at each point
-    named until a line arrives on its standard input (so one run can be looked at in several states), or
-    until it is killed."""
-    if name in os.environ.get(PAUSE_ENV, "").split(","):
+    named (`*`: at every point) until a line arrives on its standard input (so one run can be looked at in
+    several states), or until it is killed."""
+    named = os.environ.get(PAUSE_ENV, "").split(",")
+    if name in named or "*" in named:
         print(f"paused at {name}", file=sys.stderr, flush=True)
         if not sys.stdin.readline():  # no input to resume it (closed, or /dev/null): wait to be killed
             while True:

@@ -12,6 +12,7 @@ from pyspark.testing import assertDataFrameEqual
 
 import etl
 from conftest import ETL, SAMPLE, LatencyProxy, read_tables, s3_with_sample
+from s3_proxy import WRITES, Proxy
 from test_s3 import CREDENTIALS, download
 
 DELAY_MS = 5
@@ -23,7 +24,6 @@ DELAY_MS = 5
 READ_BUDGET_PER_FILE = 1.1
 WRITE_BUDGET_PER_OBJECT = 1.2
 FIXED_WRITES = 50
-WRITES = ("PUT", "COPY", "DELETE", "BULK_DELETE", "MPU_INIT", "MPU_PART", "MPU_COMPLETE")
 RESET_EVERY, SLOWDOWN_EVERY = 25, 50
 DEAD_WITHIN_S = 180
 # Rejects whose names Spark's readers spell differently: as a path (binaryFile) and as a URI (line reader).
@@ -111,6 +111,45 @@ def test_the_proxy_resets_s3_connections_only_never_a_tests_own_calls_for_its_co
     with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
         urllib.request.urlopen(f"{proxy.url}/latency-in?list-type=2", timeout=10).close()
     assert proxy.counts()["faults"] == {"reset": 1}
+
+
+def test_a_frozen_proxy_holds_the_nth_write_and_every_request_after_it(s3_endpoint):
+    """The soak's kill at a request (tools/soak_s3.py): the 2nd write and a read after it never reach the
+    server, and the bucket holds what the writes before them left."""
+    import boto3
+    from botocore.config import Config
+
+    proxy = Proxy(s3_endpoint).start()
+    client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1", aws_access_key_id="a",
+                          aws_secret_access_key="b", config=Config(retries={"total_max_attempts": 1}))
+    client.create_bucket(Bucket="frozen")
+    client.put_object(Bucket="frozen", Key="before", Body=b"1")
+    proxy.freeze_at_write(2)
+    client.get_object(Bucket="frozen", Key="before")  # a read is no write: it goes through
+    client.put_object(Bucket="frozen", Key="first", Body=b"2")
+    outcomes = []
+
+    def attempt(call):
+        try:
+            call()
+            outcomes.append("answered")
+        except Exception as exc:  # the reset, as boto3 reports it
+            outcomes.append(type(exc).__name__)
+    writer = threading.Thread(target=attempt, args=(lambda: client.put_object(Bucket="frozen", Key="held", Body=b"3"),))
+    writer.start()
+    assert proxy.frozen.wait(30) and proxy.held_request == "PUT held"
+    reader = threading.Thread(target=attempt, args=(lambda: client.list_objects_v2(Bucket="frozen"),))
+    reader.start()
+    reader.join(1)
+    assert reader.is_alive() and writer.is_alive()  # both held, neither answered
+    proxy.thaw()
+    writer.join(30)
+    reader.join(30)
+    proxy.die()
+    assert len(outcomes) == 2 and "answered" not in outcomes
+    upstream = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="a",
+                            aws_secret_access_key="b")
+    assert sorted(item["Key"] for item in upstream.list_objects_v2(Bucket="frozen")["Contents"]) == ["before", "first"]
 
 
 def test_sample_round_trip_with_latency_and_faults_meets_the_request_budget_and_equals_a_local_run(

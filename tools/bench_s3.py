@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (generate, machine, the memory probe)
 import get_jars  # noqa: E402  (the S3 jars `make setup` resolved)
+from s3_proxy import WRITES  # noqa: E402
 
 ROOT = bench.ROOT
 PY = sys.executable
@@ -136,7 +137,6 @@ def by_phase(journal, log_path):
     return phases
 
 
-WRITES = ("PUT", "COPY", "DELETE", "BULK_DELETE", "MPU_INIT", "MPU_PART", "MPU_COMPLETE")
 # The folders readers see: the tables and the rejects.
 READ_FOLDERS = (*(f"{name}/" for name in ("songs", "artists", "users", "time", "songplays")),
                 "_rejected/song_data/", "_rejected/log_data/")

@@ -9,6 +9,10 @@
   (--reset-every; connections to the control endpoint below are neither reset nor counted), every Nth
   request is answered `503 SlowDown` without reaching it (--slowdown-every);
   `POST /__proxy__/die` makes the endpoint disappear: open connections are reset, new ones refused.
+- A kill at a request (tools/soak_s3.py): `freeze_at_write(n)` holds the n-th request from then on that
+  changes the bucket (PUT, COPY, DELETE, a multipart step, ...) and every request after it, none reaching
+  the server: the bucket is left as the client's process would leave it, killed as it sent that request.
+  `frozen` is set when it happens; `thaw()` resets the held connections and serves again.
 - --ignore-conditions strips If-None-Match and If-Match from every request: an endpoint that ignores
   conditional writes (older MinIO, some gateways), on which a compare-and-swap always succeeds.
 - It counts requests by S3 operation (LIST, GET, HEAD, PUT, COPY, MPU_INIT, MPU_PART, MPU_COMPLETE,
@@ -38,6 +42,9 @@ SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown
                  b'<Message>Please reduce your request rate.</Message></Error>')
 LISTEN_BACKLOG = 512
 UPSTREAM_TIMEOUT_S = 120
+# The operations that change a bucket: a kill between two of them leaves it as a kill at any read between.
+WRITES = frozenset({"PUT", "COPY", "POST", "MPU_INIT", "MPU_PART", "MPU_COMPLETE", "MPU_ABORT", "DELETE",
+                    "BULK_DELETE"})
 
 
 def operation(method, target, headers):
@@ -178,6 +185,9 @@ class Proxy:
         self._requests = 0
         self._open = set()
         self.dead = False
+        self._freeze_at, self._writes = 0, 0
+        self.held_request = ""  # the freeze's write, "<operation> <key>"
+        self.frozen, self._thawed = threading.Event(), threading.Event()
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", port))
@@ -206,6 +216,30 @@ class Proxy:
         with self._lock:
             for sock in list(self._open):
                 reset(sock)
+
+    def freeze_at_write(self, n):
+        """Hold the n-th write request from now, and every request after it (see the module's doc)."""
+        with self._lock:
+            self._freeze_at, self._writes = n, 0
+            self.frozen.clear()
+            self._thawed.clear()
+
+    def thaw(self):
+        """The held requests' connections reset (their client is gone), and requests served again."""
+        with self._lock:
+            self._freeze_at = 0
+            self.frozen.clear()
+            self._thawed.set()
+
+    def _held(self, name, key):
+        """Whether this request is held: the freeze's write, or any request once it has come."""
+        with self._lock:
+            if self._freeze_at and not self.frozen.is_set() and name in WRITES:
+                self._writes += 1
+                if self._writes == self._freeze_at:
+                    self.held_request = f"{name} {key}"
+                    self.frozen.set()
+            return self.frozen.is_set()
 
     def _doomed(self, head):
         """Whether a new connection, given its first request, is one to reset: every Nth S3 connection.
@@ -261,6 +295,9 @@ class Proxy:
             return (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
                     b"Content-Length: %d\r\n\r\n" % len(SLOWDOWN_BODY) + SLOWDOWN_BODY)
         name = operation(method, target, parse_headers(head))
+        if self._held(name, request_key(target, name, body)):
+            self._thawed.wait()
+            return None  # never forwarded: the connection is reset
         bucket = (urlsplit(target).path.split("/") + [""])[1]
         with self._lock:
             self.counts[name] += 1

@@ -555,8 +555,9 @@ def compare_lakes(lake, full, input_root):
     return lines + unaccounted_lines(input_root, lake)
 
 
-def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng, crash=False):
-    """One day's daily run and every check on it; raises Mismatch with what differed."""
+def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng, crash=False, s3=None):
+    """One day's daily run and every check on it (s3: an S3Leg whose base is yesterday's lake, for today's
+    faults on S3); raises Mismatch with what differed."""
     if hole_state:
         segments = sorted((Path(lake) / "_state" / "log_data").glob("*"))
         if segments:
@@ -613,10 +614,17 @@ def check_day(run, workdir, input_root, lake, gate_fails, hole_state, rng, crash
     if crash:
         kills = kill_at_every_rename(run, input_root, before_crash, full, Path(workdir) / "crash")
         said += f"killed at each of {kills} renames of a publish, each lake then equal to the full build; "
+    if s3:
+        kills, robberies = s3.kills, s3.robberies
+        lines = s3.check(input_root)
+        if lines:
+            raise Mismatch("; ".join(lines))
+        said += (f"on S3, killed at each of {s3.kills - kills} write requests and robbed of its lease at each of "
+                 f"{s3.robberies - robberies} steps, each lake then equal to the full build; ")
     return said + "equal to the full build and to DuckDB"
 
 
-def sequence(run, seed, days, holes, workdir, out, busy=False, crash_day=0):
+def sequence(run, seed, days, holes, workdir, out, busy=False, crash_day=0, s3_day=0, s3=None):
     """One seed's days; returns None, or (day, what it did, what differed) at the first broken promise."""
     folder = Path(workdir) / f"seed-{seed}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -625,15 +633,21 @@ def sequence(run, seed, days, holes, workdir, out, busy=False, crash_day=0):
     deliveries = Deliveries(seed, days, holes, input_root, busy)
     rng = random.Random(f"{seed}-state")
     for step in range(1, days + 1):
+        s3_base = bool(s3_day) and step >= max(s3_day, 2)
+        if s3_base:  # yesterday's lake on S3, built before today's deliveries change the input
+            s3.base(input_root)
         did, gate_fails = deliveries.day(step)
         hole_state = "state" in holes and step > 2 and not gate_fails and (step == 4 if busy else rng.random() < 0.15)
         if hole_state:
             did.append("a state segment deleted")
         crash = bool(crash_day) and step >= max(crash_day, 2) and not gate_fails and not hole_state
         crash_day = 0 if crash else crash_day  # a day whose gate fails puts the kills off to the next
+        on_s3 = s3_base and not gate_fails and not hole_state
+        s3_day = 0 if on_s3 else s3_day
         began = time.perf_counter()
         try:
-            outcome = check_day(run, folder, input_root, lake, gate_fails, hole_state, rng, crash)
+            outcome = check_day(run, folder, input_root, lake, gate_fails, hole_state, rng, crash,
+                                s3 if on_s3 else None)
         except Mismatch as exc:
             print(f"FAIL seed={seed} day={step}: {'; '.join(did)}\n  {exc}", file=out, flush=True)
             return step, did, str(exc)
@@ -665,6 +679,9 @@ def main(argv=None):
     parser.add_argument("--crash-day", type=int, default=0,
                         help="on this day (from 2; 0: never) also kill today's run at each rename of its local "
                              "publish (strace) and check each lake after the next run")
+    parser.add_argument("--s3-day", type=int, default=0,
+                        help="on this day (from 2; 0: never) also kill today's run on S3 (moto) at each write "
+                             "request and take its lease away at each step, checking each lake after the next run")
     parser.add_argument("--workdir", default=str(ROOT / "soak"), help="where inputs and lakes go (emptied)")
     args = parser.parse_args(argv)
     holes = parse_holes(args.holes)
@@ -672,13 +689,21 @@ def main(argv=None):
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
     run = Runner(args.workdir)
+    s3 = None
+    if args.s3_day:
+        from soak_s3 import S3Leg
+
+        s3 = S3Leg(args.workdir, run.config, compare_lakes)
     began, failed = time.perf_counter(), []
     print(f"soak: seeds {args.seed}..{args.seed + args.sequences - 1}, {args.days} days each, holes: "
           f"{', '.join(holes) or 'none'}; work in {args.workdir}", flush=True)
     for seed in range(args.seed, args.seed + args.sequences):
-        found = sequence(run, seed, args.days, holes, args.workdir, sys.stdout, args.busy, args.crash_day)
+        found = sequence(run, seed, args.days, holes, args.workdir, sys.stdout, args.busy, args.crash_day,
+                         args.s3_day, s3)
         if found:
             failed.append((seed, found[0]))
+    if s3:
+        s3.stop()
     print(f"soak: {args.sequences} sequences, {run.runs} runs of etl.py in {time.perf_counter() - began:.0f} s "
           f"({run.seconds / max(run.runs, 1):.1f} s a run); "
           + (f"FAILED: {', '.join(f'seed {s} day {d}' for s, d in failed)}" if failed else "no difference"),
