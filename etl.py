@@ -73,7 +73,7 @@ from lake.stores import InPlaceStore, Store, Unit
 from lake.tables import ARTISTS, PARTITION_BY, SONGPLAYS, SONGS, SPECS, TABLES, TIME, USERS
 
 JOB_VERSION = "1.0.0"
-LOG = logging.getLogger("sparkify_etl")
+LOG = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- settings
@@ -1385,11 +1385,6 @@ class Write:
     partition_by: Tuple[str, ...] = ()
     kind: str = AS_TABLE  # AS_TABLE: write_table; AS_RECORDS: a state segment as Spark holds it; AS_JSON: rejects
     label: Optional[str] = None  # the phase (and pause point) it is written in, if any
-
-
-def units(settings: Settings, tables: Sequence[str]) -> List[Unit]:
-    return [Unit(settings.rejected_root, tree) for tree in (SONG_DATA, LOG_DATA)] + \
-           [Unit(settings.output_root, name) for name in tables]
 
 
 def stage(writes: Sequence[Write], report: RunReport, spool: Optional[str] = None,

@@ -7,12 +7,12 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Optional, Tuple
+from typing import Optional, Protocol, Tuple
 
 from lake.errors import EtlError, one_line
 from lake.paths import join, split_s3
 
-LOG = logging.getLogger("sparkify_etl")
+LOG = logging.getLogger(__name__)
 LOCK_NAME = "_lock"  # local output: held with flock, which the kernel releases when the process dies
 LEASE_NAME = "_lease.json"  # S3 output: written only by compare-and-swap, renewed while the run lives
 LEASE_TTL_S = 300
@@ -27,10 +27,6 @@ PID_NAMESPACE_PATH = "/proc/self/ns/pid"
 # S3's answers to a condition that does not hold: 412, or 404 for If-Match on a key that is gone.
 CONDITION_FAILED = ("PreconditionFailed", "NoSuchKey", "404", "412")
 
-try:
-    from typing import Protocol
-except ImportError:  # Python < 3.8
-    Protocol = object  # type: ignore
 
 
 class LeaseLost(EtlError):

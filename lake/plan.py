@@ -9,17 +9,12 @@ import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Mapping, Optional
+from typing import Dict, FrozenSet, Mapping, Optional, Protocol
 
 from lake.aws import AwsSettings
 from lake.errors import EtlError
 from lake.paths import is_s3
 from lake.stores import S3_REQUESTS_IN_FLIGHT, LocalStore, S3Store, Store
-
-try:
-    from typing import Protocol
-except ImportError:  # Python < 3.8
-    Protocol = object  # type: ignore
 
 SONG_DATA = "song_data"
 LOG_DATA = "log_data"

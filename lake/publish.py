@@ -15,7 +15,7 @@ from lake.lock import LEASE_TTL_S, LeaseLost, Lock
 from lake.paths import join
 from lake.stores import STAGING_DIR, InPlaceStore, Store, Unit
 
-LOG = logging.getLogger("sparkify_etl")
+LOG = logging.getLogger(__name__)
 PUBLISH_JOURNAL = "_PUBLISH.json"
 RUN_MARKER = "_RUN.json"
 PAUSE_ENV = "SPARKIFY_PAUSE_AT"

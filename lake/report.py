@@ -17,7 +17,7 @@ from lake.paths import join
 from lake.publish import clear_staging
 from lake.stores import Store
 
-LOG = logging.getLogger("sparkify_etl")
+LOG = logging.getLogger(__name__)
 REPORT_NAME = "_run_report.json"
 RUNS_DIR = "_runs"
 

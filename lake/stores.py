@@ -10,14 +10,14 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 from lake.aws import S3_ATTEMPTS, AwsSettings, s3_client, s3_client_settings, s3_error
 from lake.errors import EtlError
 from lake.lock import CONDITION_FAILED, FileLock, Lock, S3Lease
 from lake.paths import is_input_file, is_visible, is_visible_file, join, split_s3, visible_files
 
-LOG = logging.getLogger("sparkify_etl")
+LOG = logging.getLogger(__name__)
 # A run writes everything under <root>/_staging/<run id>/ first; names starting with "_" are skipped by
 # Spark, Athena, pyarrow and DuckDB readers.
 STAGING_DIR = "_staging"
@@ -67,10 +67,6 @@ class Unit:
         return self.name.split("/", 1)[0]
 
 
-try:
-    from typing import Protocol
-except ImportError:  # Python < 3.8
-    Protocol = object  # type: ignore
 
 
 class Store(Protocol):

@@ -490,9 +490,11 @@ def test_a_kill_on_s3_leaves_old_or_old_and_new_files_and_the_next_run_rolls_bac
         f"published {etl.SONGS}": {**mixed(old, new, both=etl.TABLES), etl.SONGS: new[etl.SONGS]},
     }[moment]
     assert snapshot(download(client, "killed", tmp_path / "killed")) == expected
-    if moment == f"write {etl.SONGPLAYS}":  # the state went up while Spark wrote the tables
+    if moment == f"write {etl.SONGPLAYS}":
+        # The state goes up while Spark writes the tables, on a thread of its own: how much of it has gone up
+        # at this pause depends on the machine's pace, so only its bound is asserted. Nothing but state yet.
         assert {key.split("/")[0] for key in lake_keys(client, "killed") - lake_keys(client, "lake-old")} \
-            == {etl.STATE_DIR}
+            <= {etl.STATE_DIR}
 
     # The next run's recovery alone: before the commit mark, exactly the old lake's keys again; after it,
     # only the killed run's (and the manifest it copied in).
