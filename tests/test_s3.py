@@ -1,16 +1,18 @@
 """S3 in, S3 out: the real S3A connector against a real S3 API server (moto) on loopback."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import pyspark
 import pytest
 from pyspark.testing import assertDataFrameEqual
 
 import etl
-from conftest import SAMPLE, free_port, py_files, read_tables, s3_jars, s3_with_sample
+from conftest import JARS_MANIFEST, SAMPLE, free_port, py_files, read_tables, s3_jars, s3_with_sample
 from lake.report import REPORT_NAME
 from lake.stores import PREFLIGHT_PROBE
 
@@ -19,6 +21,23 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIATESTINGSPARKIFY", "AWS_SECRET_ACCESS_KE
                "AWS_REGION": "us-east-1"}
 JUNK = {"song_data/.DS_Store": b"\x00\x00\x00\x01Bud1", "__MACOSX/song_data/A/._x.json": b"\x00\x05\x16\x07",
         "song_data/A/__MACOSX/._y.json": b"\x00\x05\x16\x07", "log_data/2018/11/._z.json": b"\x00\x05\x16\x07"}
+
+
+def bundled_version(artifact):
+    jars = Path(pyspark.__file__).parent / "jars"
+    (version,) = [m.group(1) for m in (re.match(rf"{artifact}-(\d[^-]*)\.jar$", p.name) for p in jars.iterdir()) if m]
+    return version
+
+
+def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
+    """Hadoop's S3A documentation: hadoop-aws must match hadoop-common exactly."""
+    names = JARS_MANIFEST.read_text().split()  # as Spark's Ivy names them: <group>_<artifact>-<version>.jar
+    aws = [name for name in names if "_hadoop-aws-" in name]
+    assert aws == [f"org.apache.hadoop_hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
+    assert f"org.apache.spark_spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
+    assert all(Path(jar).is_file() for jar in s3_jars())
+    # spark-hadoop-cloud alone: none of its dependencies (other clouds' connectors, Hadoop's client again).
+    assert not [name for name in names if re.search(r"azure|aliyun|gcs-connector|openstack|hadoop-client", name)]
 
 
 @pytest.fixture(scope="module")

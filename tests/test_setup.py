@@ -1,17 +1,15 @@
 """How Spark is set up: the jars `make setup` resolved, and the one function that decides the session."""
 import os
-import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import pyspark
 import pytest
 
 import dist
 import etl
-from conftest import JARS_MANIFEST, ROOT, s3_jars
+from conftest import ROOT
 from lake.plan import CLOUD_COMMIT_PROTOCOL, NIO_FILE_SYSTEM, NIO_JAR, S3A_FILE_SYSTEM, SparkSetup, plan_run
 from lake.stores import LocalStore, S3Store
 
@@ -27,23 +25,6 @@ PYTHON, SUBMITTED = {}, {"PYSPARK_GATEWAY_PORT": "4242"}
 def plan(settings, environ=PYTHON, marker=None, nio_built=True):
     nio_jar = Path(NIO_JAR) if nio_built else Path("/nowhere/sparkify-hadoop.jar")
     return plan_run(settings, environ, marker, nio_jar=str(nio_jar))
-
-
-def bundled_version(artifact):
-    jars = Path(pyspark.__file__).parent / "jars"
-    (version,) = [m.group(1) for m in (re.match(rf"{artifact}-(\d[^-]*)\.jar$", p.name) for p in jars.iterdir()) if m]
-    return version
-
-
-def test_hadoop_aws_has_the_hadoop_version_of_pyspark():
-    """Hadoop's S3A documentation: hadoop-aws must match hadoop-common exactly."""
-    names = JARS_MANIFEST.read_text().split()  # as Spark's Ivy names them: <group>_<artifact>-<version>.jar
-    aws = [name for name in names if "_hadoop-aws-" in name]
-    assert aws == [f"org.apache.hadoop_hadoop-aws-{bundled_version('hadoop-client-api')}.jar"]
-    assert f"org.apache.spark_spark-hadoop-cloud_2.12-{pyspark.__version__}.jar" in names
-    assert all(Path(jar).is_file() for jar in s3_jars())
-    # spark-hadoop-cloud alone: none of its dependencies (other clouds' connectors, Hadoop's client again).
-    assert not [name for name in names if re.search(r"azure|aliyun|gcs-connector|openstack|hadoop-client", name)]
 
 
 def test_the_package_zip_is_lake_as_it_is_now_and_imports_from_the_zip_alone(tmp_path):
