@@ -81,9 +81,10 @@ HOLES     ?= all
 CRASH_DAY ?= 0
 # S3_DAY=n: on day n also kill the run on S3 (moto) at each write request, and take its lease away at each step.
 S3_DAY    ?= 0
+S3_FAULTS ?= kills,lease
 soak: setup
 	$(PY) tools/soak.py --seed $(SEED) --days $(DAYS) --sequences $(SEQUENCES) --holes $(HOLES) \
-	  --crash-day $(CRASH_DAY) --s3-day $(S3_DAY)
+	  --crash-day $(CRASH_DAY) --s3-day $(S3_DAY) --s3-faults $(S3_FAULTS)
 
 clean:
 	rm -rf output dist soak .pytest_cache .ruff_cache

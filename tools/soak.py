@@ -682,6 +682,8 @@ def main(argv=None):
     parser.add_argument("--s3-day", type=int, default=0,
                         help="on this day (from 2; 0: never) also kill today's run on S3 (moto) at each write "
                              "request and take its lease away at each step, checking each lake after the next run")
+    parser.add_argument("--s3-faults", default="kills,lease",
+                        help="on the S3 day: 'kills' (at every write request), 'lease' (taken at every step), or both")
     parser.add_argument("--workdir", default=str(ROOT / "soak"), help="where inputs and lakes go (emptied)")
     args = parser.parse_args(argv)
     holes = parse_holes(args.holes)
@@ -691,9 +693,12 @@ def main(argv=None):
     run = Runner(args.workdir)
     s3 = None
     if args.s3_day:
-        from soak_s3 import S3Leg
+        from soak_s3 import FAULTS, S3Leg
 
-        s3 = S3Leg(args.workdir, run.config, compare_lakes)
+        faults = tuple(f.strip() for f in args.s3_faults.split(",") if f.strip())
+        if not faults or set(faults) - set(FAULTS):
+            raise SystemExit(f"error: --s3-faults takes some of {', '.join(FAULTS)}, not {args.s3_faults!r}")
+        s3 = S3Leg(args.workdir, run.config, compare_lakes, faults)
     began, failed = time.perf_counter(), []
     print(f"soak: seeds {args.seed}..{args.seed + args.sequences - 1}, {args.days} days each, holes: "
           f"{', '.join(holes) or 'none'}; work in {args.workdir}", flush=True)
