@@ -9,8 +9,9 @@ bucket as a kill at any read between them does, so a kill at every write visits 
 leave. The input stays local (file:), the lake is s3://soak/lake.
 
 The lease: the run pauses at each of its steps in turn (SPARKIFY_PAUSE_AT); there another run takes its
-lease over (as one would that found it stale), and the run goes on. It must then finish or stop with one
-`error:` line; one that stopped before its commit mark must leave the lake's keys as they were. Then the
+lease over (as one would that found it stale), and the run goes on. Robbed before its commit mark, it must
+stop with one `error:` line on its lease and leave the lake's keys as they were; after it, it may finish
+(what it committed is the lake's) or stop so. Then the
 other run's lease runs out, and a daily run must leave the lake equal to the full build.
 """
 import json
@@ -230,9 +231,11 @@ class S3Leg:
             what = f"robbed of its lease at {name}"
             logging.getLogger().info("soak on S3: %s", what)
             self.robberies += 1
+            if position < committed and code == 0:
+                return [f"{what}, before its commit mark, the run still succeeded"]
             if code != 0 and (len(errors) != 1 or "lost its lease" not in errors[0]):
                 return [f"{what}, the run stopped without one error line on its lease: exit {code}, {errors[-3:]}"]
-            if code != 0 and position < committed and self.lake_keys("lake") != before:
+            if position < committed and self.lake_keys("lake") != before:
                 changed = sorted(self.lake_keys("lake") ^ before)
                 return [f"{what}, the run stopped before its commit mark yet changed {len(changed)} keys, "
                         f"e.g. {changed[0]}"]
