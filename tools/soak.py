@@ -684,6 +684,8 @@ def main(argv=None):
                              "request and take its lease away at each step, checking each lake after the next run")
     parser.add_argument("--s3-faults", default="kills,lease",
                         help="on the S3 day: 'kills' (at every write request), 'lease' (taken at every step), or both")
+    parser.add_argument("--s3-first-kill", type=int, default=1,
+                        help="on the S3 day, the first write request to kill at (default 1): to go on with a long leg")
     parser.add_argument("--workdir", default=str(ROOT / "soak"), help="where inputs and lakes go (emptied)")
     args = parser.parse_args(argv)
     holes = parse_holes(args.holes)
@@ -698,7 +700,7 @@ def main(argv=None):
         faults = tuple(f.strip() for f in args.s3_faults.split(",") if f.strip())
         if not faults or set(faults) - set(FAULTS):
             raise SystemExit(f"error: --s3-faults takes some of {', '.join(FAULTS)}, not {args.s3_faults!r}")
-        s3 = S3Leg(args.workdir, run.config, compare_lakes, faults)
+        s3 = S3Leg(args.workdir, run.config, compare_lakes, faults, args.s3_first_kill)
     began, failed = time.perf_counter(), []
     print(f"soak: seeds {args.seed}..{args.seed + args.sequences - 1}, {args.days} days each, holes: "
           f"{', '.join(holes) or 'none'}; work in {args.workdir}", flush=True)

@@ -49,8 +49,9 @@ class S3Leg:
     """A moto server and a proxy for the soak's S3 day. Each check returns lines of what broke (none: held);
     compare(lake, full, input_root) gives what differs between two local lakes."""
 
-    def __init__(self, workdir, config, compare, faults=FAULTS):
+    def __init__(self, workdir, config, compare, faults=FAULTS, first_kill=1):
         self.workdir, self.config, self.compare, self.faults = Path(workdir), config, compare, faults
+        self.first_kill = first_kill  # to go on with a long leg where an earlier soak stopped
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -175,7 +176,7 @@ class S3Leg:
 
     def kill_at_every_write(self, input_root):
         """The daily run killed at its 1st, 2nd, ... write request until one runs to its end unkilled."""
-        n = 0
+        n = self.first_kill - 1
         while True:
             n += 1
             self.copy("base", "lake")
