@@ -207,8 +207,10 @@ class S3Leg:
             said = [line[len("paused at "):] for line in self.log.read_text().splitlines()
                     if line.startswith("paused at ")]
             if len(said) > len(names):
+                # One line each: the state's uploads pause on a thread of their own, beside the main one.
+                for _ in said[len(names):]:
+                    self.resume(process)
                 names = said
-                self.resume(process)
             elif process.poll() is not None:
                 break
             else:
