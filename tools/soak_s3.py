@@ -126,8 +126,8 @@ class S3Leg:
     def run(self, input_root, prefix, *flags):
         return self.finish(self.start(input_root, prefix, *flags))
 
-    def resume(self, process):
-        process.stdin.write("\n")
+    def resume(self, process, times=1):
+        process.stdin.write("\n" * times)
         process.stdin.flush()
 
     def wait_for(self, process, line):
@@ -228,7 +228,7 @@ class S3Leg:
             if not self.wait_for(process, f"paused at {name}"):
                 return [f"the run to rob at {name} never paused there: {last_error(self.finish(process)[1])}"]
             self.put_lease(time.time() + 600)
-            self.resume(process)
+            self.resume(process, times=len(names))  # should the step come again (recovery's, say), on it goes
             code, stderr = self.finish(process)
             errors = [line for line in stderr.splitlines() if line.startswith("error:")]
             what = f"robbed of its lease at {name}"
