@@ -42,6 +42,7 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIASOAKTEST", "AWS_SECRET_ACCESS_KEY": "so
 LAKE_TOPS = ("songplays", "users", "songs", "artists", "time", "_rejected", "_state")
 THIEF = {"run_id": "20261207T000000Z-50a450a4", "host": "elsewhere", "pid": 1, "token": "thief"}
 PAUSE_TIMEOUT_S = 900
+PAUSES_AT_MOST = 10000  # far more pause points than a run passes
 FAULTS = ("kills", "lease")  # a kill at every write request; the lease taken at every step
 
 
@@ -199,24 +200,15 @@ class S3Leg:
                 return lines
 
     def steps(self, input_root):
-        """The pause points a daily run passes, in order."""
+        """The pause points a daily run passes, in order: each said and passed at once. Its stdin holds a line
+        for every pause beforehand, as two may wait at once (the state's uploads have a thread of their own),
+        and two threads reading one stdin may strand a line in its buffer."""
         self.copy("base", "lake")
         process = self.start(input_root, "lake", pause="*")
-        names = []
-        while True:
-            said = [line[len("paused at "):] for line in self.log.read_text().splitlines()
-                    if line.startswith("paused at ")]
-            if len(said) > len(names):
-                # One line each: the state's uploads pause on a thread of their own, beside the main one.
-                for _ in said[len(names):]:
-                    self.resume(process)
-                names = said
-            elif process.poll() is not None:
-                break
-            else:
-                time.sleep(0.2)
+        process.stdin.write("\n" * PAUSES_AT_MOST)
+        process.stdin.flush()
         self.finish(process)
-        return names
+        return [line[len("paused at "):] for line in self.log.read_text().splitlines() if line.startswith("paused at ")]
 
     def rob_at_every_step(self, input_root):
         names = self.steps(input_root)
