@@ -4,6 +4,7 @@ A run writes every unit under <root>/_staging/<run id>/. Once every write and th
 the journal is written; from then on the publish is decided, and the next run finishes one that a crash
 cut short.
 """
+import fnmatch
 import logging
 import os
 import sys
@@ -378,10 +379,10 @@ def clear_staging(store: Store, roots: Sequence[str], output_root: str, run_id: 
 
 def pause_point(name: str) -> None:
     """Fault injection for the crash tests: SPARKIFY_PAUSE_AT=<name>[,<name>...] stops the run at each point
-    named (`*`: at every point) until a line arrives on its standard input (so one run can be looked at in
-    several states), or until it is killed."""
-    named = os.environ.get(PAUSE_ENV, "").split(",")
-    if name in named or "*" in named:
+    named until a line arrives on its standard input (so one run can be looked at in several states), or
+    until it is killed. A name may be a shell pattern: `*` is every point, `uploaded _state/plays*` a step
+    whose name holds the run's id."""
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in os.environ.get(PAUSE_ENV, "").split(",") if pattern):
         print(f"paused at {name}", file=sys.stderr, flush=True)
         if not sys.stdin.readline():  # no input to resume it (closed, or /dev/null): wait to be killed
             while True:
