@@ -11,8 +11,8 @@ leave. The input stays local (file:), the lake is s3://soak/lake.
 The lease: the run pauses at each of its steps in turn (SPARKIFY_PAUSE_AT); there another run takes its
 lease over (as one would that found it stale), and the run goes on. Robbed before its commit mark, it must
 stop with one `error:` line on its lease and leave the lake's keys as they were; after it, it may finish
-(what it committed is the lake's) or stop so. Then the
-other run's lease runs out, and a daily run must leave the lake equal to the full build.
+(what it committed is the lake's) or stop so. Then the other run's lease runs out, and a daily run must
+leave the lake equal to the full build.
 """
 import fnmatch
 import json
@@ -30,6 +30,7 @@ from pathlib import Path
 import boto3
 from moto.server import ThreadedMotoServer
 
+import etl
 from lake.lock import LEASE_NAME
 from lake.publish import PAUSE_ENV
 from lake.stores import STAGING_DIR
@@ -41,7 +42,7 @@ BUCKET = "soak"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIASOAKTEST", "AWS_SECRET_ACCESS_KEY": "soak-secret",
                "AWS_REGION": "us-east-1"}
 # The lake proper: what a reader or the next run reads (not the lease, the reports or the staging).
-LAKE_TOPS = ("songplays", "users", "songs", "artists", "time", "_rejected", "_state")
+LAKE_TOPS = (*etl.TABLES, etl.REJECTED_DIR, etl.STATE_DIR)
 THIEF = {"run_id": "20261207T000000Z-50a450a4", "host": "elsewhere", "pid": 1, "token": "thief"}
 PAUSE_TIMEOUT_S = 900
 RUN_ID = re.compile(r"\b\d{8}T\d{6}Z-[0-9a-f]{8}\b")
